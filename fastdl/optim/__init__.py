@@ -1,0 +1,1 @@
+"""Drop-in fused optimizers."""
