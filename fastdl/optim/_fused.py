@@ -61,6 +61,7 @@ class FusedOptimizerMixin:
         return f"fastdl.optim.{type(self).__name__}"
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._state_checked = False
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         group.setdefault("master_weights", getattr(self, "_master_weights_default", False))
@@ -103,7 +104,11 @@ class FusedOptimizerMixin:
                     raise bad(f"betas'][{k}", float(beta), "in [0, 1)")
 
     def _gather(self, group: dict[str, Any], index: int) -> dict[tuple[torch.device, torch.dtype], Bucket]:
-        """Validates the group's gradients and groups the tensors by (device, dtype). Touches nothing."""
+        """Validates the group's gradients and groups the tensors by (device, dtype). Touches nothing.
+
+        This runs for every parameter at every step, so it checks with cheap attribute reads; the
+        kernel re-checks devices, shapes and strides and names the offending tensor.
+        """
         buckets: dict[tuple[torch.device, torch.dtype], Bucket] = {}
         for i, p in enumerate(group["params"]):
             g = p.grad
@@ -112,7 +117,7 @@ class FusedOptimizerMixin:
             if g.is_sparse:
                 raise RuntimeError(f"{self._name} does not support sparse gradients (parameter {i} of param "
                                    f"group {index}); use torch.optim.SparseAdam or a dense gradient")
-            if g.dtype != p.dtype or g.device != p.device or g.shape != p.shape:
+            if g.dtype is not p.dtype or g.shape != p.shape:
                 raise RuntimeError(
                     f"{self._name}: the gradient of parameter {i} of param group {index} is "
                     f"{g.dtype} {tuple(g.shape)} on {g.device}, but the parameter is {p.dtype} "
@@ -127,35 +132,46 @@ class FusedOptimizerMixin:
         return buckets
 
     def _fill_state(self, group: dict[str, Any], bucket: Bucket) -> None:
-        """Creates missing state lazily (as torch does) and lines its dtype/device/strides up with the kernel."""
+        """Creates missing state lazily (as torch does) and collects it in kernel order.
+
+        State made here is right by construction. State that came from elsewhere (load_state_dict,
+        torch's own constructor) is lined up once with the kernel's dtype, device and strides.
+        """
         use_master = bool(group.get("master_weights", False)) and bucket.params[0].dtype in _LOW_PRECISION
+        recheck = not getattr(self, "_state_checked", False)
+        state_dtype = torch.float32 if use_master else bucket.params[0].dtype
+        named_lists = list(bucket.states.items())
         for j, p in enumerate(bucket.params):
             state = self.state[p]
             self._init_state(group, p, state)
             if use_master and "master_param" not in state:
                 state["master_param"] = p.detach().float()
-            state_dtype = torch.float32 if use_master else p.dtype
-            for name, out in bucket.states.items():
-                if name not in state:
-                    continue
-                buf = state[name]
-                if buf.dtype != state_dtype or buf.device != p.device or buf.stride() != p.stride():
-                    buf = state[name] = torch.empty_like(p, dtype=state_dtype).copy_(buf)
-                out.append(buf)
+            if recheck:
+                self._line_up(state, p, state_dtype)
+            for name, out in named_lists:
+                buf = state.get(name)
+                if buf is not None:
+                    out.append(buf)
             if self._uses_step:
-                step = state["step"]
-                if step.dtype != torch.float32 or step.device != p.device:
-                    # The kernel increments the counter where the parameter lives (no host sync on CUDA).
-                    step = state["step"] = step.to(device=p.device, dtype=torch.float32)
-                bucket.steps.append(step)
+                bucket.steps.append(state["step"])
             if use_master:
                 bucket.masters.append(state["master_param"])
             g = bucket.grads[j]
-            if g.stride() != p.stride():
+            if not (g.is_contiguous() and p.is_contiguous()) and g.stride() != p.stride():
                 bucket.grads[j] = torch.empty_like(p).copy_(g)
         for name in list(bucket.states):
             if len(bucket.states[name]) != len(bucket.params):
                 bucket.states[name] = []  # buffer not used under the group's options
+
+    def _line_up(self, state: dict[str, Any], p: Tensor, state_dtype: torch.dtype) -> None:
+        for name in self._state_names:
+            buf = state.get(name)
+            if buf is not None and (buf.dtype != state_dtype or buf.device != p.device or buf.stride() != p.stride()):
+                state[name] = torch.empty_like(p, dtype=state_dtype).copy_(buf)
+        step = state.get("step")
+        if step is not None and (step.dtype != torch.float32 or step.device != p.device):
+            # The kernel increments the counter where the parameter lives (no host sync on CUDA).
+            state["step"] = step.to(device=p.device, dtype=torch.float32)
 
     def _init_state(self, group: dict[str, Any], p: Tensor, state: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -185,6 +201,7 @@ class FusedOptimizerMixin:
         for group, buckets in work:
             for bucket in buckets.values():
                 self._fill_state(group, bucket)
+        self._state_checked = True
         for group, buckets in work:
             for (device, _), bucket in buckets.items():
                 scale = None if grad_scale is None else grad_scale.to(device=device, dtype=torch.float32)
@@ -193,6 +210,7 @@ class FusedOptimizerMixin:
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state_checked = False
         super().load_state_dict(state_dict)
         # torch casts loaded state to the parameter dtype; master weights keep their state in fp32.
         saved = state_dict["state"]
