@@ -46,10 +46,22 @@ def _make_entry(name: str) -> Callable[..., None]:
     return entry
 
 
+def _fake_step(name: str) -> Callable[..., None]:
+    def fake(*args: Any, **kwargs: Any) -> None:
+        # The op mutates its inputs and returns nothing, so there is nothing to compute. But the
+        # dispatcher also lands here when meta tensors are mixed with real ones: refuse, as the kernels do.
+        devices = {t.device for arg in (*args, *kwargs.values())
+                   for t in (arg if isinstance(arg, (list, tuple)) else [arg]) if isinstance(t, torch.Tensor)}
+        if len(devices) > 1:
+            raise RuntimeError(f"{name}: all tensors of one step must share a device, got "
+                               f"{sorted(str(d) for d in devices)}")
+
+    return fake
+
+
 def _register_fakes() -> None:
-    # The ops only mutate their inputs and return nothing, so the fake kernel has nothing to compute.
     for name in OPS:
-        torch.library.register_fake(f"fastdl::{name}")(lambda *args, **kwargs: None)
+        torch.library.register_fake(f"fastdl::{name}")(_fake_step(name))
 
 
 _register_fakes()

@@ -89,19 +89,25 @@ class FusedOptimizerMixin:
     def _check_hyperparameters(self, group: dict[str, Any], index: int) -> None:
         """torch validates hyperparameters in the constructor only; a group edited later is checked here."""
         def bad(name: str, value: Any, expected: str) -> ValueError:
-            return ValueError(f"{self._name}: param_groups[{index}]['{name}'] must be {expected}, got {value}")
+            return ValueError(f"{self._name}: param_groups[{index}][{name}] must be {expected}, got {value}")
 
         lr = float(group["lr"])
         if not lr >= 0.0:
-            raise bad("lr", lr, ">= 0")
+            raise bad("'lr'", lr, ">= 0")
         if "eps" in group and not float(group["eps"]) >= 0.0:
-            raise bad("eps", group["eps"], ">= 0")
+            raise bad("'eps'", group["eps"], ">= 0")
         if "weight_decay" in group and not float(group["weight_decay"]) >= 0.0:
-            raise bad("weight_decay", group["weight_decay"], ">= 0")
+            raise bad("'weight_decay'", group["weight_decay"], ">= 0")
+        for key in ("momentum", "alpha", "lr_decay", "momentum_decay"):
+            if key in group and not float(group[key]) >= 0.0:
+                raise bad(f"'{key}'", group[key], ">= 0")
+        if group.get("nesterov", False) and (float(group["momentum"]) <= 0 or float(group["dampening"]) != 0):
+            raise ValueError(f"{self._name}: param_groups[{index}]: nesterov momentum requires momentum > 0 and "
+                             f"zero dampening, got momentum={group['momentum']}, dampening={group['dampening']}")
         if "betas" in group:
             for k, beta in enumerate(group["betas"]):
                 if not 0.0 <= float(beta) < 1.0:
-                    raise bad(f"betas'][{k}", float(beta), "in [0, 1)")
+                    raise bad(f"'betas'][{k}", float(beta), "in [0, 1)")
 
     def _gather(self, group: dict[str, Any], index: int) -> dict[tuple[torch.device, torch.dtype], Bucket]:
         """Validates the group's gradients and groups the tensors by (device, dtype). Touches nothing.
