@@ -71,3 +71,20 @@ def test_run_writes_json_and_plot_and_survives_a_failing_peer(tmp_path):
 def test_bench_optim_quick_end_to_end(tmp_path):
     assert main(["bench", "optim", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "results.json").exists()
+
+
+def test_compute_bound_cases_report_gflops(tmp_path):
+    a = torch.randn(64, 64)
+    case = bench.Case(
+        name="matmul", description="a @ a", bytes_per_step=3 * a.numel() * 4, flops_per_step=2 * 64**3,
+        contenders=(bench.Contender("fastdl", lambda device: lambda: a @ a, is_fastdl=True),
+                    bench.Contender("peer", lambda device: lambda: torch.mm(a, a))),
+    )
+    suite = bench.Suite(name="stub", description="test", make_cases=lambda quick, device: [case])
+    run = bench.run_suites([suite], torch.device("cpu"), quick=True, repeat=3, warmup=1, progress=False)
+    from fastdl.bench.report import format_table, to_json_dict
+
+    assert "fastdl GFLOP/s" in format_table(run)
+    contender = to_json_dict(run)["cases"][0]["contenders"][0]
+    expected = 2 * 64**3 / (contender["median_ms"] * 1e-3) / 1e9
+    assert contender["gflop_per_s"] == pytest.approx(expected)

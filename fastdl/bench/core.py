@@ -44,6 +44,9 @@ class Case:
     bytes_per_step: int
     contenders: tuple[Contender, ...]
     params: Mapping[str, object] = field(default_factory=dict)  # shapes, dtypes, ...: recorded in the JSON
+    # Floating-point work of one call for compute-bound cases (attention, RNNs, convolution), counted
+    # the way the field counts it (e.g. FlashAttention's 4*b*s^2*h*d); 0 for memory-bound cases.
+    flops_per_step: int = 0
 
 
 @dataclass(frozen=True)

@@ -50,7 +50,9 @@ def format_table(run: BenchmarkRun) -> str:
     for suite in _suites_in_order(run):
         results = [result for result in run.results if result.suite == suite]
         names = _contender_names(results)
-        header = ["case", *names, "fastdl/best", "fastdl GB/s", "% bw", "floor ms"]
+        with_flops = any(result.flops_per_step for result in results)
+        header = ["case", *names, "fastdl/best", *(["fastdl GFLOP/s", "peer GFLOP/s"] if with_flops else []),
+                  "fastdl GB/s", "% bw", "floor ms"]
         rows = []
         for result in results:
             by_name = {contender.name: contender for contender in result.contenders}
@@ -63,8 +65,12 @@ def format_table(run: BenchmarkRun) -> str:
                 mark = "*" if median is not None and median == fastest else ""
                 cells.append(_format_ms(median) + mark)
             fastdl = result.fastdl
+            cells.append(_format_cell(result.ratio_vs_best_peer, ".2f"))
+            if with_flops:
+                best_peer = result.best_peer
+                cells += [_format_cell(None if fastdl is None else result.gflop_per_s(fastdl), ".1f"),
+                          _format_cell(None if best_peer is None else result.gflop_per_s(best_peer), ".1f")]
             cells += [
-                _format_cell(result.ratio_vs_best_peer, ".2f"),
                 _format_cell(None if fastdl is None else result.gb_per_s(fastdl), ".1f"),
                 _format_cell(None if fastdl is None else run.percent_of_bandwidth(result, fastdl), ".0f"),
                 _format_ms(run.floor_ms(result)),
@@ -109,6 +115,7 @@ def to_json_dict(run: BenchmarkRun) -> dict:
                 "median_ms": contender.median_ms,
                 "gb_per_s": result.gb_per_s(contender),
                 "percent_of_bandwidth": run.percent_of_bandwidth(result, contender),
+                "gflop_per_s": result.gflop_per_s(contender),
             })
         best_peer = result.best_peer
         cases.append({
@@ -117,6 +124,7 @@ def to_json_dict(run: BenchmarkRun) -> dict:
             "description": result.description,
             "params": result.params,
             "bytes_per_step": result.bytes_per_step,
+            "flops_per_step": result.flops_per_step,
             "floor_ms": run.floor_ms(result),
             "best_peer": None if best_peer is None else best_peer.name,
             "ratio_vs_best_peer": result.ratio_vs_best_peer,

@@ -35,6 +35,7 @@ class CaseResult:
     bytes_per_step: int
     params: dict
     contenders: list[ContenderResult]
+    flops_per_step: int = 0
 
     @property
     def fastdl(self) -> ContenderResult | None:
@@ -51,6 +52,11 @@ class CaseResult:
         if self.fastdl is None or self.best_peer is None:
             return None
         return self.fastdl.median_ms / self.best_peer.median_ms
+
+    def gflop_per_s(self, contender: ContenderResult) -> float | None:
+        if contender.median_ms is None or not self.flops_per_step:
+            return None
+        return self.flops_per_step / (contender.median_ms * 1e-3) / 1e9
 
     def gb_per_s(self, contender: ContenderResult) -> float | None:
         if contender.median_ms is None:
@@ -125,7 +131,8 @@ def run_case(suite_name: str, case: Case, device: torch.device, repeat: int, war
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return CaseResult(suite=suite_name, case=case.name, description=case.description,
-                      bytes_per_step=case.bytes_per_step, params=dict(case.params), contenders=results)
+                      bytes_per_step=case.bytes_per_step, params=dict(case.params), contenders=results,
+                      flops_per_step=case.flops_per_step)
 
 
 def run_suites(suites: list[Suite], device: torch.device, quick: bool, repeat: int, warmup: int,
