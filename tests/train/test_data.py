@@ -5,8 +5,17 @@ import sys
 import pytest
 import torch
 
-from fastdl.data import (CharDataset, CharTokenizer, builtin_corpus, char_lm_datasets, corpus_info, digits_datasets,
-                         load_digits, load_text, procedural_digits)
+from fastdl.data import (
+    CharDataset,
+    CharTokenizer,
+    builtin_corpus,
+    char_lm_datasets,
+    corpus_info,
+    digits_datasets,
+    load_digits,
+    load_text,
+    procedural_digits,
+)
 
 
 def test_corpus_is_deterministic_ascii_prose():

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdl.train.metrics import (F1, Accuracy, Perplexity, Precision, Recall, accuracy, perplexity,
-                                  precision_recall_f1)
+from fastdl.train.metrics import F1, Accuracy, Perplexity, Precision, Recall, accuracy, perplexity, precision_recall_f1
 
 #                  0  0  1  1  2  2
 TARGETS = torch.tensor([0, 0, 1, 1, 2, 2])

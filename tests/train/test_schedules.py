@@ -24,7 +24,8 @@ COSINE_POINTS = [
 
 @pytest.mark.parametrize(("step", "expected"), COSINE_POINTS)
 def test_warmup_cosine_matches_its_formula(step, expected):
-    assert warmup_cosine_lr(step, lr=1.0, total_steps=110, warmup_steps=10, min_lr=0.1) == pytest.approx(expected, abs=1e-12)
+    lr = warmup_cosine_lr(step, lr=1.0, total_steps=110, warmup_steps=10, min_lr=0.1)
+    assert lr == pytest.approx(expected, abs=1e-12)
     schedule = Schedule("cosine", lr=1.0, total_steps=110, warmup_steps=10, min_lr=0.1)
     assert schedule.lr_at(step) == pytest.approx(expected, abs=1e-12)
 
@@ -67,5 +68,8 @@ def test_lambda_lr_follows_the_schedule_and_resumes_from_its_state(name):
 def test_bad_schedules_are_config_errors():
     with pytest.raises(ConfigError, match="schedule must be one of"):
         Schedule("exponential", lr=1.0, total_steps=10)
-    with pytest.raises(ConfigError, match="warmup_steps"):
-        Schedule("cosine", lr=1.0, total_steps=10, warmup_steps=20)
+
+
+def test_a_warmup_longer_than_the_run_ramps_for_the_whole_run():
+    schedule = Schedule("cosine", lr=1.0, total_steps=10, warmup_steps=20)
+    assert [schedule.lr_at(s) for s in (0, 9)] == pytest.approx([0.05, 0.5])
