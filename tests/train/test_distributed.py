@@ -56,3 +56,9 @@ def test_ddp_matches_a_single_process_run_with_the_same_global_batch(tmp_path):
     assert rank0["metrics"]["eval_accuracy"] == result.metrics["eval_accuracy"]
     assert rank0["metrics"]["eval_loss"] == pytest.approx(result.metrics["eval_loss"], rel=1e-5)
 
+
+def test_the_cli_trains_a_recipe_under_torchrun(tmp_path):
+    proc = torchrun(["-m", "fastdl", "train", "mlp-digits", "--steps", "4", "--set", "eval_every=2",
+                     "--set", "digits_source=procedural", "--no-progress", "--out", str(tmp_path / "run")], tmp_path)
+    assert proc.stdout.count("mlp-digits: step 4") == 1  # printed by rank 0 only
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
