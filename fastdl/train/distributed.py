@@ -12,7 +12,9 @@ Two ways to spread the model:
   ``nn.ModuleList`` element (a transformer block, say) is one shard unit, then the root. Parameters
   become DTensors, which fastdl's fused kernels do not take yet, so the trainer uses the torch
   optimizer of the same name; checkpoints gather full state dicts to rank 0 through
-  ``torch.distributed.checkpoint.state_dict``. This path is not exercised by the CPU test suite.
+  ``torch.distributed.checkpoint.state_dict``. Every rank must run the same number of forward passes,
+  so evaluation pads the last shard by repeating samples (a few may count twice in the metrics).
+  This path is not exercised by the CPU test suite and has not been run on a GPU yet.
 """
 
 from __future__ import annotations

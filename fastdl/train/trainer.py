@@ -532,9 +532,10 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
+        continuing = resume_from is not None or self.step > 0  # a second fit() continues the first
         if resume_from is not None:
             self.load_checkpoint(resume_from)
-        else:
+        elif not continuing:
             ckpt.seed_everything(cfg.seed + self.dist.rank)
         main = self.dist.is_main
         files: dict[str, Path] = {}
@@ -543,7 +544,7 @@ class Trainer:
             (self.out_dir / "config.json").write_text(json.dumps({"train": to_dict(cfg), "meta": self.meta}, indent=2)
                                                       + "\n")
         eval_columns = (["eval_loss"] + [f"eval_{name}" for name in self.metrics]) if self.eval_data else []
-        log = RunLog(self.out_dir, eval_columns, enabled=main, resume_step=self.step if resume_from else None)
+        log = RunLog(self.out_dir, eval_columns, enabled=main, resume_step=self.step if continuing else None)
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not (cfg.progress and main), unit="step",
                    dynamic_ncols=True, file=sys.stderr)
         stop_reason = "completed"

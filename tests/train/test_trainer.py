@@ -162,3 +162,45 @@ def test_init_scheme_by_name_and_torch_optimizers():
     assert type(trainer.optimizer) is torch.optim.AdamW
     assert torch.count_nonzero(trainer.module.fc1.bias) == 0  # init zeroed it; no step has run yet
     trainer.fit()
+
+
+def test_tensorboard_gets_the_logged_scalars_when_installed(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    written = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            written.append(("dir", log_dir))
+
+        def add_scalar(self, key, value, step):
+            written.append((key, step))
+
+        def close(self):
+            written.append(("closed", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=FakeWriter))
+    make(steps=2, eval_every=2, out_dir=tmp_path).fit()
+    assert written[0] == ("dir", str(tmp_path / "tensorboard"))
+    assert ("train_loss", 2) in written and ("eval_loss", 2) in written and written[-1] == ("closed", None)
+
+
+def test_a_diverging_run_stops_with_a_message_from_the_cli(tmp_path, capsys):
+    from fastdl.cli import main
+
+    # lr 1e30: the first Adam step sends the weights to ~1e30, the next forward overflows.
+    status = main(["train", "--steps", "50", "--set", "lr=1e30", "--set", "max_bad_steps=3", "--set", "warmup_steps=0",
+                   "--out", str(tmp_path), "--no-progress"])
+    assert status == 1
+    assert "3 consecutive steps had non-finite (inf/NaN) gradients" in capsys.readouterr().err
+
+
+def test_a_second_fit_continues_instead_of_starting_over(tmp_path):
+    trainer = make(steps=4, out_dir=tmp_path)
+    trainer.fit()
+    params = params_of(trainer.model)
+    result = trainer.fit()  # nothing left to do: same parameters, the log keeps its rows
+    assert result.step == 4
+    assert_same_params(params_of(trainer.model), params)
+    assert len(list(csv.DictReader(open(tmp_path / "log.csv")))) == 4
