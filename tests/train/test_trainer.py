@@ -204,3 +204,17 @@ def test_a_second_fit_continues_instead_of_starting_over(tmp_path):
     assert result.step == 4
     assert_same_params(params_of(trainer.model), params)
     assert len(list(csv.DictReader(open(tmp_path / "log.csv")))) == 4
+
+
+def test_one_seed_makes_a_cpu_run_reproducible():
+    def run(seed: int) -> dict:
+        seed_everything(seed)
+        train, eval_loader = loaders()
+        trainer = Trainer(TinyNet(dropout=0.3), losses.cross_entropy, train, eval_loader, steps=6, seed=seed,
+                          **QUIET)
+        trainer.fit()
+        return params_of(trainer.model)
+
+    assert_same_params(run(7), run(7))
+    with pytest.raises(AssertionError):
+        assert_same_params(run(7), run(8))
