@@ -550,7 +550,6 @@ class Trainer:
         stop_reason = "completed"
         interval_loss, interval_steps, interval_items, interval_start = 0.0, 0, 0, time.perf_counter()
         train_loss = float("nan")
-        saved_at = -1
         try:
             while self.step < cfg.steps:
                 lr = self.optimizer.param_groups[0]["lr"]
@@ -609,7 +608,6 @@ class Trainer:
                 wants_checkpoint = (evaluated if cfg.checkpoint_every is None else step % cfg.checkpoint_every == 0)
                 if self.out_dir is not None and (wants_checkpoint or last or stop_reason != "completed"):
                     self.save_checkpoint()
-                    saved_at = step
                 if stop_reason != "completed":
                     self._say(f"early stopping at step {step}: {cfg.monitor} has not improved on {self.best} "
                               f"for {self.evals_since_best} evaluations (patience {cfg.patience})")
@@ -621,7 +619,7 @@ class Trainer:
                 files["log"] = log.csv_path
                 files["plot"] = plot_log(log.csv_path, self.out_dir / "curves.png",
                                          title=str(self.meta.get("recipe", "")))
-        if saved_at >= 0 and main:
+        if main and self.out_dir is not None and (self.out_dir / CHECKPOINT_NAME).is_file():
             files["checkpoint"] = self.out_dir / CHECKPOINT_NAME
         return TrainResult(step=self.step, stop_reason=stop_reason, metrics=dict(self._last_metrics),
                            train_loss=train_loss, best=self.best, skipped_steps=self.skipped_steps, files=files)
