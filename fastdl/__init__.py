@@ -1,6 +1,6 @@
 """fastdl: hand-written fused CPU and CUDA kernels for PyTorch, and the modules, models and trainers
 built on them. Ops are registered under ``torch.ops.fastdl``; Python APIs live in ``fastdl.ops``,
-``fastdl.optim``, ``fastdl.nn`` and ``fastdl.models``."""
+``fastdl.optim``, ``fastdl.nn``, ``fastdl.models``, ``fastdl.data`` and ``fastdl.train``."""
 
 from fastdl._extension import ExtensionError
 from fastdl._extension import load as _load_extension
@@ -8,7 +8,7 @@ from fastdl._version import __version__
 
 _C = _load_extension()
 
-from fastdl import ops, optim  # noqa: E402
+from fastdl import data, models, ops, optim, train  # noqa: E402
 
 
 def build_info() -> dict:
@@ -16,4 +16,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ExtensionError", "__version__", "build_info", "ops", "optim"]
+__all__ = ["ExtensionError", "__version__", "build_info", "data", "models", "ops", "optim", "train"]

@@ -2,6 +2,7 @@
 
     fastdl info                      build, software and devices
     fastdl bench [NAME ...]          time fastdl against its peers; writes bench-results/<timestamp>/
+    fastdl train [RECIPE]            train a recipe; writes checkpoint, log and plot to runs/<recipe>-<timestamp>/
 
 Each subcommand is an ``_add_<name>_command`` function that registers its parser and handler, so
 later commands (``train``, ``generate``) are one more function and one more line in ``build_parser``.
@@ -133,12 +134,82 @@ def _add_bench_command(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_bench)
 
 
+def _train(args: argparse.Namespace) -> int:
+    # Imported here: `fastdl info` and `fastdl bench` need none of the trainer.
+    from fastdl.train import distributed
+    from fastdl.train.checkpoint import CheckpointError
+    from fastdl.train.config import ConfigError, load_config_file, parse_assignments
+    from fastdl.train.recipes import DEFAULT_RECIPE, get_recipe, recipe_names
+    from fastdl.train.run import run_recipe
+    from fastdl.train.trainer import TrainingDivergedError
+
+    if args.list:
+        for name in recipe_names():
+            marker = " (default)" if name == DEFAULT_RECIPE else ""
+            print(f"{name:14s} {get_recipe(name).description}{marker}")
+        return 0
+    main_rank = distributed.env().is_main
+    try:
+        overrides = load_config_file(args.config) if args.config else {}
+        overrides.update(parse_assignments(args.set))
+        for key in ("steps", "device", "precision", "seed"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+        if args.no_progress:
+            overrides["progress"] = False
+        result, settings, final_metric = run_recipe(args.recipe, overrides, out_dir=args.out,
+                                                    resume=args.resume or False)
+    except (ConfigError, CheckpointError) as error:
+        print(f"fastdl train: {error}", file=sys.stderr)
+        return 2
+    except TrainingDivergedError as error:
+        print(f"fastdl train: {error}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.teardown()
+    if main_rank:
+        value = result.metrics.get(final_metric)
+        summary = f"{final_metric} {value:.4f}" if value is not None else f"train_loss {result.train_loss:.4f}"
+        stopped = " (early stopping)" if result.stop_reason == "early_stopping" else ""
+        print(f"{settings.recipe.name}: step {result.step}{stopped}, {summary}, train_loss {result.train_loss:.4f}")
+        for kind, path in result.files.items():
+            print(f"  {kind:10s} {path}")
+    return 0
+
+
+def _add_train_command(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "train", help="train a recipe (model + data + settings)",
+        description="Train a recipe and write checkpoint.pt, log.csv, curves.png and config.json into --out. "
+                    "Settings: the recipe's defaults, then --config FILE (.json/.toml/.yaml, a flat mapping of "
+                    "trainer settings and recipe options), then --set KEY=VALUE, then the flags below. "
+                    "Under `torchrun --nproc_per_node N -m fastdl train ...` it trains with DDP.")
+    parser.add_argument("recipe", nargs="?", default=None, metavar="RECIPE",
+                        help="recipe to train (default: the default recipe; see --list)")
+    parser.add_argument("--list", action="store_true", help="list the recipes and exit")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda when available)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
+                        help="fp32; bf16 autocast; fp16 autocast with loss scaling")
+    parser.add_argument("--seed", type=int, default=None, help="seed for init, data order and dropout")
+    parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="settings file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting (value read as JSON, e.g. --set hidden_sizes=[256,128]); repeatable")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (default: runs/<recipe>-<timestamp>/)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="continue from --out's checkpoint.pt, or from CHECKPOINT")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    parser.set_defaults(handler=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastdl",
                                      description="fastdl: fused CPU and CUDA kernels for PyTorch")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info_command(commands)
     _add_bench_command(commands)
+    _add_train_command(commands)
     return parser
 
 

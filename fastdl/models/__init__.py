@@ -1,0 +1,5 @@
+"""Models built on fastdl's modules: one readable file per architecture, each with a config dataclass."""
+
+from fastdl.models.mlp import MLP, MLPConfig
+
+__all__ = ["MLP", "MLPConfig"]
