@@ -90,8 +90,9 @@ inline void check_options(const char* op, const Options& o) {
 inline void check_alibi(const char* op, const std::optional<Tensor>& alibi, const Tensor& q, int64_t batch,
                         int64_t nheads) {
   if (!alibi) return;
-  const Tensor& a = *alibi;
-  CHECK_DTYPE(a, at::kFloat);
+  const Tensor& alibi_slopes = *alibi;
+  CHECK_DTYPE(alibi_slopes, at::kFloat);
+  const Tensor& a = alibi_slopes;
   TORCH_CHECK(a.device() == q.device(), op, ": alibi_slopes must be on the device of q (", q.device(), "), got ",
               a.device());
   TORCH_CHECK((a.dim() == 1 && a.size(0) == nheads) || (a.dim() == 2 && a.size(0) == batch && a.size(1) == nheads),
