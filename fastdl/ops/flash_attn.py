@@ -102,8 +102,8 @@ def _varlen_fwd_setup_context(ctx, inputs, output):
 def _varlen_fwd_backward(ctx, dout, dsoftmax_lse):
     q, k, v, out, softmax_lse, cu_seqlens_q, cu_seqlens_k, alibi_slopes = ctx.saved_tensors
     dq, dk, dv = _ops.flash_attn_varlen_bwd(_dense_grad(dout), q, k, v, out, softmax_lse,
-                                            _dense_grad(dsoftmax_lse), cu_seqlens_q, cu_seqlens_k, *ctx.options,
-                                            alibi_slopes)
+                                            _dense_grad(dsoftmax_lse), cu_seqlens_q, cu_seqlens_k,
+                                            *ctx.options, alibi_slopes)
     return (dq, dk, dv) + (None,) * 10  # cu_seqlens_q .. alibi_slopes
 
 
@@ -119,7 +119,8 @@ def _check(dropout_p: float, q: Tensor, others: dict) -> None:
     """What the kernel cannot see: dropout, and tensors on another device (a mix of devices would be
     dispatched to one backend's kernel, or to the fake kernel, before any check ran)."""
     if dropout_p > 0:
-        raise NotImplementedError(f"fastdl flash attention does not implement dropout yet (dropout_p={dropout_p})")
+        raise NotImplementedError(
+            f"fastdl flash attention does not implement dropout yet (dropout_p={dropout_p})")
     for name, t in others.items():
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
@@ -249,9 +250,9 @@ def flash_attn_varlen_func(
     """
     _check(dropout_p, q, {"k": k, "v": v, "cu_seqlens_q": cu_seqlens_q, "cu_seqlens_k": cu_seqlens_k,
                           "alibi_slopes": alibi_slopes})
-    out, softmax_lse = _ops.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                                  _scale(q, softmax_scale), causal, window_size[0], window_size[1],
-                                                  softcap, alibi_slopes)
+    out, softmax_lse = _ops.flash_attn_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                  max_seqlen_k, _scale(q, softmax_scale), causal,
+                                                  window_size[0], window_size[1], softcap, alibi_slopes)
     return (out, softmax_lse, None) if return_attn_probs else out
 
 
@@ -270,8 +271,9 @@ def flash_attn_varlen_qkvpacked_func(
 ) -> Union[Tensor, tuple[Tensor, Tensor, None]]:
     """:func:`flash_attn_varlen_func` with qkv (total, 3, nheads, headdim)."""
     q, k, v = qkv.unbind(1)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
-                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -386,7 +388,8 @@ def attention_varlen_ref(
         ks, ke = int(cu_seqlens_k[b]), int(cu_seqlens_k[b + 1])
         slopes = alibi_slopes[b] if alibi_slopes is not None and alibi_slopes.dim() == 2 else alibi_slopes
         out, lse, _ = attention_ref(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], dropout_p, softmax_scale,
-                                    causal, window_size, softcap, slopes, return_attn_probs=True, upcast=upcast)
+                                    causal, window_size, softcap, slopes, return_attn_probs=True,
+                                    upcast=upcast)
         outs.append(out[0])
         lses.append(lse[0])
     out = torch.cat(outs)  # (total_q, h, d)

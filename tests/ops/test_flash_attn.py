@@ -41,7 +41,8 @@ def assert_rule(name, fast, gold, ref, factor, scale=None):
     ref_err = (ref.double() - gold).abs().max().item()
     scale = gold.abs().max().item() if scale is None else scale
     floor = FLOOR_ULPS["out" if name == "out" else "grad"] * torch.finfo(torch.float32).eps * max(1.0, scale)
-    assert err <= factor * ref_err + floor, f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e} + {floor:.1e}"
+    assert err <= factor * ref_err + floor, (
+        f"{name}: error {err:.3e} > {factor} x reference error {ref_err:.3e} + {floor:.1e}")
 
 
 def assert_lse(fast, gold):
@@ -155,7 +156,8 @@ def test_softcap_alibi(causal, softcap, alibi, dtype):
     g = torch.Generator().manual_seed(1)
     slopes = {None: None, "heads": torch.rand(nheads, generator=g),
               "batch_heads": torch.rand(batch, nheads, generator=g)}[alibi]
-    options = dict(causal=causal, softcap=softcap, alibi_slopes=slopes, window_size=(-1, -1) if causal else (90, 50))
+    window_size = (-1, -1) if causal else (90, 50)
+    options = dict(causal=causal, softcap=softcap, alibi_slopes=slopes, window_size=window_size)
     check_against_ref(*fast_and_ref(**options), (q, k, v), dtype)
 
 
@@ -233,10 +235,12 @@ def test_packed_variants():
     qkv = torch.randn(100, 3, 4, 32, generator=g)
     out = flash_attn_varlen_qkvpacked_func(qkv, cu, 70, causal=True)
     q, k, v = qkv.unbind(1)
-    torch.testing.assert_close(out, attention_varlen_ref(q, k, v, cu, cu, 70, 70, causal=True), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, attention_varlen_ref(q, k, v, cu, cu, 70, 70, causal=True),
+                               atol=1e-5, rtol=1e-5)
     kv = torch.randn(100, 2, 2, 32, generator=g)
     out = flash_attn_varlen_kvpacked_func(q, kv, cu, cu, 70, 70)
-    torch.testing.assert_close(out, attention_varlen_ref(q, kv[:, 0], kv[:, 1], cu, cu, 70, 70), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, attention_varlen_ref(q, kv[:, 0], kv[:, 1], cu, cu, 70, 70),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_fully_masked_rows():
@@ -271,9 +275,16 @@ def test_backward_deterministic(nheads_k):
     check_against_ref(*fast_and_ref(causal=True), (q, k, v), torch.float32)
 
 
-@pytest.mark.parametrize("options", [dict(causal=True), dict(window_size=(2, 1)), dict(softcap=1.5),
-                                     dict(alibi="heads", causal=True), dict(causal=True, softcap=2.0, alibi="batch")],
-                         ids=["causal", "window", "softcap", "alibi", "all"])
+GRADCHECK_OPTIONS = {
+    "causal": dict(causal=True),
+    "window": dict(window_size=(2, 1)),
+    "softcap": dict(softcap=1.5),
+    "alibi": dict(alibi="heads", causal=True),
+    "all": dict(causal=True, softcap=2.0, alibi="batch"),
+}
+
+
+@pytest.mark.parametrize("options", list(GRADCHECK_OPTIONS.values()), ids=list(GRADCHECK_OPTIONS))
 def test_gradcheck(options):
     g = torch.Generator().manual_seed(5)
     batch, nheads = 2, 4
@@ -317,8 +328,8 @@ def test_opcheck():
     out, lse = torch.ops.fastdl.flash_attn_fwd(*args)
     dout = torch.randn_like(out)
     torch.library.opcheck(torch.ops.fastdl.flash_attn_bwd.default,
-                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, 0.25, True,
-                           -1, -1, 0.0, slopes))
+                          (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(), None, 0.25,
+                           True, -1, -1, 0.0, slopes))
 
     cu_q, cu_k = random_cu_seqlens([4, 5]), random_cu_seqlens([6, 7])
     qv = torch.randn(9, 4, 16, generator=g, requires_grad=True)
@@ -328,7 +339,8 @@ def test_opcheck():
     out, lse = torch.ops.fastdl.flash_attn_varlen_fwd(*vargs)
     torch.library.opcheck(torch.ops.fastdl.flash_attn_varlen_bwd.default,
                           (torch.randn_like(out), qv.detach(), kv_[0].detach(), kv_[1].detach(), out.detach(),
-                           lse.detach(), torch.randn_like(lse), cu_q, cu_k, 5, 7, 0.25, False, 3, 2, 5.0, None))
+                           lse.detach(), torch.randn_like(lse), cu_q, cu_k, 5, 7, 0.25, False, 3, 2, 5.0,
+                           None))
 
 
 def test_compile_fullgraph():
@@ -372,35 +384,44 @@ def _varlen(**over):
     return args
 
 
-BAD_INPUTS = {
-    "dtype": (flash_attn_func, _bad(k=torch.randn(1, 6, 2, 8, dtype=torch.bfloat16)), "k must have the dtype of q"),
-    "device": (flash_attn_func, _bad(v=torch.randn(1, 6, 2, 8, device="meta")), "v must be on the device of q"),
+BAD_INPUTS = {  # case: (function, arguments, expected message)
+    "dtype": (flash_attn_func, _bad(k=torch.randn(1, 6, 2, 8, dtype=torch.bfloat16)),
+              "k must have the dtype of q"),
+    "device": (flash_attn_func, _bad(v=torch.randn(1, 6, 2, 8, device="meta")),
+               "v must be on the device of q"),
     "int_dtype": (flash_attn_func, _bad(q=torch.ones(1, 4, 4, 8, dtype=torch.int32)), "q must be float32"),
     "heads": (flash_attn_func, _bad(q=torch.randn(1, 4, 3, 8)), r"nheads of q \(3\) must be a multiple"),
-    "headdim": (flash_attn_func, _bad(q=torch.randn(1, 4, 4, 264), k=torch.randn(1, 6, 2, 264),
-                                      v=torch.randn(1, 6, 2, 264)), r"headdim must be in \[1, 256\], got 264"),
+    "headdim": (flash_attn_func,
+                _bad(q=torch.randn(1, 4, 4, 264), k=torch.randn(1, 6, 2, 264), v=torch.randn(1, 6, 2, 264)),
+                r"headdim must be in \[1, 256\], got 264"),
     "headdim_k": (flash_attn_func, _bad(k=torch.randn(1, 6, 2, 16)), "k must have the headdim of q"),
     "v_shape": (flash_attn_func, _bad(v=torch.randn(1, 5, 2, 8)), "v must have shape"),
-    "batch": (flash_attn_func, _bad(k=torch.randn(2, 6, 2, 8), v=torch.randn(2, 6, 2, 8)), "k must have the batch"),
+    "batch": (flash_attn_func, _bad(k=torch.randn(2, 6, 2, 8), v=torch.randn(2, 6, 2, 8)),
+              "k must have the batch"),
     "rank": (flash_attn_func, _bad(q=torch.randn(4, 4, 8)), r"q must be \(batch, seqlen, nheads, headdim\)"),
-    "last_dim": (flash_attn_func, _bad(q=torch.randn(1, 4, 4, 8, 2)[..., 0]), "q must have a contiguous last"),
+    "last_dim": (flash_attn_func, _bad(q=torch.randn(1, 4, 4, 8, 2)[..., 0]),
+                 "q must have a contiguous last"),
     "window": (flash_attn_func, _bad(window_size=(-2, 0)), "window_size entries must be >= 0, or -1"),
     "softcap": (flash_attn_func, _bad(softcap=-1.0), "softcap must be >= 0"),
     "alibi_shape": (flash_attn_func, _bad(alibi_slopes=torch.rand(3)), "alibi_slopes must have shape"),
     "alibi_dtype": (flash_attn_func, _bad(alibi_slopes=torch.rand(4, dtype=torch.float64)),
                     "alibi_slopes must have dtype"),
     "dropout": (flash_attn_func, _bad(dropout_p=0.1), "does not implement dropout"),
-    "cu_dtype": (flash_attn_varlen_func, _varlen(cu_seqlens_q=torch.tensor([0, 3, 7])), "cu_seqlens_q must be int32"),
-    "cu_order": (flash_attn_varlen_func, _varlen(cu_seqlens_k=torch.tensor([0, 5, 4, 9], dtype=torch.int32),
-                                                 cu_seqlens_q=torch.tensor([0, 3, 3, 7], dtype=torch.int32)),
+    "cu_dtype": (flash_attn_varlen_func, _varlen(cu_seqlens_q=torch.tensor([0, 3, 7])),
+                 "cu_seqlens_q must be int32"),
+    "cu_order": (flash_attn_varlen_func,
+                 _varlen(cu_seqlens_k=torch.tensor([0, 5, 4, 9], dtype=torch.int32),
+                         cu_seqlens_q=torch.tensor([0, 3, 3, 7], dtype=torch.int32)),
                  "cu_seqlens_k must be non-decreasing"),
-    "cu_length": (flash_attn_varlen_func, _varlen(cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32), max_seqlen_k=9),
+    "cu_length": (flash_attn_varlen_func,
+                  _varlen(cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32), max_seqlen_k=9),
                   "cu_seqlens_k must have the length of cu_seqlens_q"),
     "cu_total": (flash_attn_varlen_func, _varlen(cu_seqlens_q=torch.tensor([0, 3, 6], dtype=torch.int32)),
                  r"cu_seqlens_q\[-1\] must equal the number of tokens \(7\)"),
     "cu_start": (flash_attn_varlen_func, _varlen(cu_seqlens_q=torch.tensor([1, 3, 7], dtype=torch.int32)),
                  r"cu_seqlens_q\[0\] must be 0"),
-    "max_seqlen": (flash_attn_varlen_func, _varlen(max_seqlen_k=4), "sequence 1 has length 5 .* max_seqlen_k is 4"),
+    "max_seqlen": (flash_attn_varlen_func, _varlen(max_seqlen_k=4),
+                   "sequence 1 has length 5 .* max_seqlen_k is 4"),
     "varlen_rank": (flash_attn_varlen_func, _varlen(q=torch.randn(1, 7, 2, 8)),
                     r"q must be \(total_tokens, nheads, headdim\)"),
 }
@@ -427,5 +448,6 @@ def test_reference_matches_sdpa():
     """attention_ref itself, against torch's SDPA where the two overlap (causal, seqlen_q == seqlen_k)."""
     q, k, v = make_qkv(2, 50, 50, 4, 4, 32, torch.float64)
     out = attention_ref(q, k, v, causal=True)
-    sdpa = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)), is_causal=True)
+    q_, k_, v_ = (x.transpose(1, 2) for x in (q, k, v))  # (b, h, s, d)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, is_causal=True)
     torch.testing.assert_close(out, sdpa.transpose(1, 2))
