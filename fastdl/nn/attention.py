@@ -1,0 +1,227 @@
+"""Attention modules on fastdl's flash attention kernel (:func:`fastdl.ops.flash_attn.flash_attn_func`).
+
+* :class:`MultiheadAttention`: a drop-in for ``torch.nn.MultiheadAttention`` (same constructor, forward and
+  state_dict), on the kernel when the call allows it and on an explicit fp32 path otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastdl.ops.flash_attn import flash_attn_func
+
+__all__ = ["MultiheadAttention"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_MAX_HEADDIM = 256
+
+
+@functools.cache
+def _kernel_runs_on(device_type: str) -> bool:
+    """Whether this build registered a flash attention kernel for the device (CPU always; CUDA only in
+    a CUDA build that has it). FakeTensors of torch.compile report their real device, so this holds there
+    too."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("fastdl::flash_attn_fwd", key)
+
+
+def _additive(mask: Tensor, dtype: torch.dtype, name: str) -> Tensor:
+    """torch's mask convention: a bool mask is True where attention is NOT allowed; a float mask is added."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, -math.inf)
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """``torch.nn.MultiheadAttention`` whose attention runs on fastdl's flash attention kernel when it can.
+
+    The constructor, the parameters and the state_dict keys are torch's (this class subclasses it):
+    ``in_proj_weight`` (or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight`` when kdim or vdim differ
+    from embed_dim), ``in_proj_bias``, ``out_proj.weight``/``out_proj.bias``, ``bias_k``/``bias_v``. So a
+    torch module's state_dict loads as is, and the forward takes torch's arguments and returns torch's
+    ``(attn_output, attn_weights)``, batched or unbatched, with ``batch_first`` either way.
+
+    Which path runs, decided per call from the arguments only (never from tensor values):
+
+    * **Kernel** (:func:`~fastdl.ops.flash_attn.flash_attn_func`, the probabilities are never formed) when
+      ``need_weights=False``, no ``key_padding_mask``, no dropout in effect (``dropout == 0`` or eval mode),
+      a head dim <= 256 of dtype fp16/bf16/fp32/fp64, a device with a fastdl kernel, and either no
+      ``attn_mask`` and ``is_causal=False``, or ``is_causal=True`` with seqlen_q == seqlen_k and neither
+      ``add_bias_kv`` nor ``add_zero_attn``. ``bias_k``/``bias_v`` and the zero key are appended as keys.
+    * **Explicit** otherwise: the (batch, heads, L, S) scores in fp32 (fp64 for fp64 inputs), the masks added,
+      softmax, dropout on the probabilities, then ``probs @ v``, cast back to the input dtype. This is what
+      torch computes in the same case, in higher precision for bf16/fp16. It is the path of torch's default
+      ``need_weights=True``: pass ``need_weights=False`` to get the kernel.
+
+    ``is_causal`` follows torch's hint semantics: with an ``attn_mask``, ``is_causal=True`` promises that the
+    mask is the causal one, and the kernel path uses its own causal mask instead (a wrong hint gives a wrong
+    result, as in torch); the explicit path uses ``attn_mask``. Unlike torch, ``is_causal=True`` without an
+    ``attn_mask`` is allowed: the mask is then the square subsequent mask, query i sees keys j <= i.
+
+    As in torch, a query whose keys are all masked gets NaN (a softmax over nothing).
+    """
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Optional[Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """Shapes as in torch (L: target length, S: source length, N: batch, E: embed_dim):
+
+        Args:
+            query: (N, L, E) if batch_first else (L, N, E), or unbatched (L, E).
+            key, value: (N, S, kdim / vdim) if batch_first else (S, N, kdim / vdim), or unbatched
+                (S, kdim / vdim).
+            key_padding_mask: (N, S) or unbatched (S,); bool (True: ignore this key) or float (added).
+            need_weights: also return the attention probabilities (forces the explicit path).
+            attn_mask: (L, S) or (N * num_heads, L, S); bool (True: not allowed) or float (added).
+            average_attn_weights: return the probabilities averaged over heads, (N, L, S), instead of
+                (N, num_heads, L, S).
+            is_causal: a hint that attn_mask is the causal mask, or the causal mask itself when attn_mask is
+                None.
+
+        Returns:
+            attn_output with query's layout and shape, and the probabilities (None unless need_weights).
+        """
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise NotImplementedError("fastdl.nn.MultiheadAttention does not take nested tensors")
+        if query.dim() not in (2, 3):
+            raise ValueError(f"query must be (L, E) or 3D, got shape {tuple(query.shape)}")
+        is_batched = query.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not is_batched:
+            query, key, value = (x.unsqueeze(batch_dim) for x in (query, key, value))
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+
+        q, k, v = self._in_projection(query, key, value)  # input layout, last dim E
+        q, k, v = (x.unflatten(-1, (self.num_heads, self.head_dim)) for x in (q, k, v))
+        if not self.batch_first:
+            q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # strided views, which the kernel reads as is
+        batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]  # q: (N, L, H, D), k, v: (N, S, H, D)
+        k, v, n_extra = self._extra_keys(k, v)  # (N, S + n_extra, H, D)
+        dropout_p = self.dropout if self.training else 0.0
+
+        if self._kernel_eligible(q, need_weights, attn_mask, key_padding_mask, is_causal, dropout_p,
+                                 seqlen_k):
+            out, probs = flash_attn_func(q, k, v, causal=is_causal), None
+        else:
+            compute_dtype = torch.promote_types(q.dtype, torch.float32)
+            mask = self._mask(attn_mask, key_padding_mask, is_causal, batch, seqlen_q, seqlen_k, n_extra,
+                              compute_dtype, q.device)
+            out, probs = _explicit_attention(q, k, v, mask, dropout_p, compute_dtype)
+
+        out = out.flatten(2)  # (N, L, E)
+        if not self.batch_first:
+            out = out.transpose(0, 1)  # (L, N, E); out_proj then writes it contiguous, as torch returns it
+        out = self.out_proj(out)
+        weights = None
+        if need_weights:
+            weights = (probs.mean(dim=1) if average_attn_weights else probs).to(query.dtype)
+        if not is_batched:
+            out = out.squeeze(batch_dim)
+            weights = None if weights is None else weights.squeeze(0)
+        return out, weights
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self._qkv_same_embed_dim:
+            if query is key and key is value:  # self-attention: one GEMM, then views of its output
+                return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        else:
+            w_q, w_k, w_v = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
+        b_q, b_k, b_v = (None,) * 3 if self.in_proj_bias is None else self.in_proj_bias.chunk(3)
+        return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+    def _extra_keys(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, int]:
+        """Appends bias_k / bias_v (add_bias_kv), then a zero key and value (add_zero_attn), in torch's
+        order. k, v: (N, S, H, D) -> (N, S + n_extra, H, D)."""
+        n_extra = 0
+        batch, _, heads, head_dim = k.shape
+        if self.bias_k is not None:
+            k = torch.cat([k, self.bias_k.view(1, 1, heads, head_dim).expand(batch, 1, -1, -1)], dim=1)
+            v = torch.cat([v, self.bias_v.view(1, 1, heads, head_dim).expand(batch, 1, -1, -1)], dim=1)
+            n_extra += 1
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(batch, 1, heads, head_dim)], dim=1)
+            v = torch.cat([v, v.new_zeros(batch, 1, heads, head_dim)], dim=1)
+            n_extra += 1
+        return k, v, n_extra
+
+    def _kernel_eligible(self, q: Tensor, need_weights: bool, attn_mask: Optional[Tensor],
+                         key_padding_mask: Optional[Tensor], is_causal: bool, dropout_p: float,
+                         seqlen_k: int) -> bool:
+        if need_weights or key_padding_mask is not None or dropout_p > 0:
+            return False
+        if q.dtype not in _KERNEL_DTYPES or self.head_dim > _KERNEL_MAX_HEADDIM:
+            return False
+        if not _kernel_runs_on(q.device.type):
+            return False
+        if is_causal:
+            # The kernel's causal mask is aligned to the bottom-right corner; it is the square subsequent
+            # mask only when L == S, and it would hide the appended keys, which every query sees.
+            return q.shape[1] == seqlen_k and self.bias_k is None and not self.add_zero_attn
+        return attn_mask is None
+
+    def _mask(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], is_causal: bool,
+              batch: int, seqlen_q: int, seqlen_k: int, n_extra: int, dtype: torch.dtype,
+              device: torch.device) -> Optional[Tensor]:
+        """attn_mask and key_padding_mask as one additive mask (N or 1, H or 1, L, S + n_extra), or None."""
+        if attn_mask is None and is_causal:
+            attn_mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool, device=device).triu(1)
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dim() == 2:
+                expected = (seqlen_q, seqlen_k)
+            elif attn_mask.dim() == 3:
+                expected = (batch * self.num_heads, seqlen_q, seqlen_k)
+            else:
+                raise ValueError(f"attn_mask must be 2D or 3D, got shape {tuple(attn_mask.shape)}")
+            if tuple(attn_mask.shape) != expected:
+                raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, expected {expected} "
+                                 "(L, S) or (N * num_heads, L, S)")
+            heads = self.num_heads if attn_mask.dim() == 3 else 1
+            mask = _additive(attn_mask, dtype, "attn_mask").view(-1, heads, seqlen_q, seqlen_k)
+        if key_padding_mask is not None:
+            if tuple(key_padding_mask.shape) != (batch, seqlen_k):
+                raise ValueError(f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected "
+                                 f"(N, S) = {(batch, seqlen_k)}")
+            padding = _additive(key_padding_mask, dtype, "key_padding_mask").view(batch, 1, 1, seqlen_k)
+            mask = padding if mask is None else mask + padding
+        if mask is not None and n_extra:
+            mask = F.pad(mask, (0, n_extra))  # every query sees bias_k and the zero key
+        return mask
+
+
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float,
+                        compute_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(D) + mask) v with the probabilities formed, in compute_dtype.
+
+    q: (N, L, H, D), k, v: (N, S, H, D), mask: additive, broadcastable to (N, H, L, S).
+    Returns out (N, L, H, D) in q's dtype and the probabilities (N, H, L, S) in compute_dtype.
+    """
+    dtype = q.dtype
+    q, k, v = (x.to(compute_dtype).transpose(1, 2) for x in (q, k, v))  # (N, H, L or S, D)
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, L, S); scaling q first, as torch does
+    if mask is not None:
+        scores = scores + mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    out = (probs @ v).transpose(1, 2)  # (N, L, H, D)
+    return out.to(dtype), probs
+
