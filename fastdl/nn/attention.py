@@ -2,6 +2,8 @@
 
 * :class:`MultiheadAttention`: a drop-in for ``torch.nn.MultiheadAttention`` (same constructor, forward and
   state_dict), on the kernel when the call allows it and on an explicit fp32 path otherwise.
+* :class:`Attention`: the attention of today's decoder-only LMs: grouped-query heads, RoPE, causal or
+  bidirectional, an optional sliding window, and a :class:`KVCache` for decoding. Always on the kernel.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdl.nn.layers import RotaryEmbedding, apply_rotary_emb
 from fastdl.ops.flash_attn import flash_attn_func
 
-__all__ = ["MultiheadAttention"]
+__all__ = ["MultiheadAttention", "Attention", "KVCache"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _KERNEL_MAX_HEADDIM = 256
@@ -225,3 +228,103 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     out = (probs @ v).transpose(1, 2)  # (N, L, H, D)
     return out.to(dtype), probs
 
+
+class KVCache:
+    """Keys and values of the tokens seen so far, for one attention layer during decoding.
+
+    One contiguous preallocated buffer each, ``k`` and ``v`` of shape (batch, max_seqlen, n_kv_head,
+    head_dim); positions [0, length) hold data. :meth:`append` copies new keys and values in after them and
+    returns views of everything held, which the kernel reads in place (it takes any strides with a
+    contiguous last dim). Memory is 2 * batch * max_seqlen * n_kv_head * head_dim elements whatever the
+    sliding window: old positions are masked by the kernel, not evicted.
+    """
+
+    def __init__(self, batch_size: int, max_seqlen: int, n_kv_head: int, head_dim: int, *,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        shape = (batch_size, max_seqlen, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0  # tokens held; also the position of the next token
+
+    @property
+    def max_seqlen(self) -> int:
+        return self.k.shape[1]
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Stores k, v (batch, seqlen, n_kv_head, head_dim) after the tokens held, and returns all the
+        keys and values held, (batch, length, n_kv_head, head_dim) views of the buffers."""
+        batch, seqlen = k.shape[:2]
+        expected = (self.k.shape[0], seqlen, *self.k.shape[2:])
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise ValueError(f"KVCache.append expected k and v of shape {expected} (batch, seqlen, "
+                             f"n_kv_head, head_dim), got {tuple(k.shape)} and {tuple(v.shape)}")
+        if self.length + seqlen > self.max_seqlen:
+            raise ValueError(f"KVCache is full: it holds {self.length} of {self.max_seqlen} tokens and "
+                             f"cannot take {seqlen} more; allocate it with a larger max_seqlen")
+        self.k[:, self.length:self.length + seqlen] = k
+        self.v[:, self.length:self.length + seqlen] = v
+        self.length += seqlen
+        return self.k[:, :self.length], self.v[:, :self.length]
+
+    def reset(self) -> None:
+        """Forgets the tokens held (the buffers are reused, not cleared)."""
+        self.length = 0
+
+
+class Attention(nn.Module):
+    """Self-attention of a modern decoder (Llama, Mistral, Qwen): grouped-query heads, rotary embeddings,
+    causal or bidirectional, an optional sliding window, and a KV cache for decoding.
+
+    n_head query heads share n_kv_head key/value heads (GQA, arXiv:2305.13245; n_kv_head = 1 is MQA,
+    n_kv_head = n_head plain multi-head attention). The projections are one fused ``qkv_proj`` of
+    (n_head + 2 * n_kv_head) * head_dim outputs, query heads first, then keys, then values, and
+    ``out_proj``. RoPE rotates queries and keys by their absolute position, which with a cache starts at
+    ``kv_cache.length``; the cache stores keys after rotation. The attention always runs on
+    :func:`~fastdl.ops.flash_attn.flash_attn_func` (no dropout on the probabilities: the kernel has none).
+
+    Masks: with causal=True query i (at absolute position p_i) sees keys at positions p_i - sliding_window < j
+    <= p_i; with causal=False it sees |p_i - j| < sliding_window. sliding_window=None leaves them unbounded.
+    A query block of T tokens after a cache of P is aligned to the bottom-right of the (T, P + T) scores,
+    which is exactly what the kernel's causal mask does.
+    """
+
+    def __init__(self, dim: int, n_head: int, n_kv_head: Optional[int] = None,
+                 head_dim: Optional[int] = None, *, causal: bool = True, sliding_window: Optional[int] = None,
+                 rope_base: Optional[float] = 10000.0, bias: bool = False, device=None, dtype=None):
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        head_dim = dim // n_head if head_dim is None else head_dim
+        if n_head % n_kv_head != 0:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, head_dim
+        self.causal, self.sliding_window = causal, sliding_window
+        factory = {"device": device, "dtype": dtype}
+        self.qkv_proj = nn.Linear(dim, (n_head + 2 * n_kv_head) * head_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(n_head * head_dim, dim, bias=bias, **factory)
+        self.rotary = None if rope_base is None else RotaryEmbedding(head_dim, rope_base)
+
+    def window_size(self) -> tuple[int, int]:
+        """The kernel's (left, right) window: keys a query may see on each side besides its own position."""
+        reach = -1 if self.sliding_window is None else self.sliding_window - 1
+        return reach, (0 if self.causal else reach)
+
+    def forward(self, x: Tensor, kv_cache: Optional[KVCache] = None) -> Tensor:
+        """x: (batch, seqlen, dim) -> (batch, seqlen, dim). With kv_cache, x holds the tokens after the
+        kv_cache.length ones cached; their keys and values are appended to it."""
+        batch, seqlen, _ = x.shape
+        qkv = self.qkv_proj(x).view(batch, seqlen, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)  # (B, T, nh or nkv, hs)
+        if self.rotary is not None:
+            start = 0 if kv_cache is None else kv_cache.length
+            cos, sin = self.rotary(torch.arange(start, start + seqlen, device=x.device))  # (T, hs / 2)
+            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.append(k, v)  # (B, P + T, nkv, hs)
+        y = flash_attn_func(q, k, v, causal=self.causal, window_size=self.window_size())  # (B, T, nh, hs)
+        return self.out_proj(y.reshape(batch, seqlen, self.n_head * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}, "
+                f"causal={self.causal}, sliding_window={self.sliding_window}")
