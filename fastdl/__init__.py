@@ -7,7 +7,7 @@ from fastdl._version import __version__
 
 _C = _load_extension()
 
-from fastdl import nn, ops, optim  # noqa: E402
+from fastdl import models, nn, ops, optim  # noqa: E402
 from fastdl.ops.flash_attn import (  # noqa: E402
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -33,6 +33,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "models",
     "nn",
     "ops",
     "optim",
