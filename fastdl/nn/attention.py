@@ -69,7 +69,10 @@ class MultiheadAttention(nn.MultiheadAttention):
     result, as in torch); the explicit path uses ``attn_mask``. Unlike torch, ``is_causal=True`` without an
     ``attn_mask`` is allowed: the mask is then the square subsequent mask, query i sees keys j <= i.
 
-    As in torch, a query whose keys are all masked gets NaN (a softmax over nothing).
+    A query whose keys are all masked attends to nothing: zero probabilities and an attention output of 0
+    (so ``out_proj.bias`` after the projection), with finite gradients. That is what torch's SDPA path
+    (``need_weights=False``) returns since torch 2.5; torch's ``need_weights=True`` and inference fast paths
+    return NaN there instead.
     """
 
     def forward(
@@ -222,7 +225,10 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (N, H, L, S); scaling q first, as torch does
     if mask is not None:
         scores = scores + mask
-    probs = torch.softmax(scores, dim=-1)
+    # A row that sees no key would be softmax(all -inf) = NaN; give it zero probabilities instead, and keep
+    # the NaN out of the backward too by softmaxing zeros there (torch's _safe_softmax does the same).
+    empty = (scores == -math.inf).all(dim=-1, keepdim=True)  # (N, H, L, 1)
+    probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
     out = (probs @ v).transpose(1, 2)  # (N, L, H, D)

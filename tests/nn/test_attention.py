@@ -161,6 +161,24 @@ def test_multihead_attention_causal_without_mask():
     torch.testing.assert_close(weights, ref_weights, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_multihead_attention_fully_masked_row_is_zero(need_weights):
+    """A query that sees no key: attention output 0 and zero weights, as torch's SDPA path returns (torch's
+    need_weights path returns NaN), and finite gradients."""
+    ref, fast = make_pair(batch_first=True)
+    x = torch.randn(2, L, E, dtype=torch.float64, requires_grad=True)
+    kpm = torch.zeros(2, L, dtype=torch.bool)
+    kpm[0] = True  # every key of sequence 0 is padding
+    out, weights = fast(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+    ref_out, _ = ref(x, x, x, key_padding_mask=kpm, need_weights=False)
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(out[0], fast.out_proj.bias.expand(L, E))
+    if need_weights:
+        assert bool((weights[0] == 0).all()) and bool(torch.isfinite(weights).all())
+    out.sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+
+
 @pytest.mark.parametrize("ctor, call, expected", [
     ({}, {"need_weights": False}, [{"causal": False}]),
     ({}, {"need_weights": True}, []),
