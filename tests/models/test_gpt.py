@@ -12,16 +12,6 @@ from fastdl.models import GPT, GPTConfig
 from fastdl.models.gpt import sample_next_token
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: with two threads each op's fork/join costs more than its math, and on a
-    loaded 2-core machine 120 training steps took 43 s on two threads and 2 s on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**kwargs):
     defaults = dict(vocab_size=97, block_size=48, n_layer=2, n_embd=32, n_head=4, n_kv_head=2)
     return GPTConfig(**{**defaults, **kwargs})
