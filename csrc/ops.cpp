@@ -53,6 +53,37 @@ TORCH_LIBRARY(fastdl, m) {
       "Tensor(d!)[] state_steps, Tensor(e!)[] master_params, *, float lr, float beta1, float beta2, "
       "float weight_decay, float eps, bool bias_correction, bool maximize, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
+
+  // ---- flash attention (csrc/flash_attn/) ---------------------------------------------------------
+  // FlashAttention-2 semantics. q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k, nheads_k,
+  // headdim), nheads % nheads_k == 0; the last dim contiguous, other strides free. window -1 is
+  // unbounded; causal is window_right = 0, aligned bottom-right; softcap 0 disables capping;
+  // alibi_slopes fp32 (nheads) or (batch, nheads). softmax_lse is fp32 (fp64 for fp64 inputs) and +inf
+  // for a query row that sees no key (whose output is 0). Python API: fastdl/ops/flash_attn.py.
+
+  // Forward: out like q, softmax_lse (batch, nheads, seqlen_q).
+  m.def(
+      "flash_attn_fwd(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, "
+      "int window_right, float softcap, Tensor? alibi_slopes) -> (Tensor out, Tensor softmax_lse)");
+  // Forward on packed sequences: q (total_q, nheads, headdim), k/v (total_k, nheads_k, headdim), int32
+  // cu_seqlens (batch + 1) prefix sums of the lengths; softmax_lse (nheads, total_q).
+  m.def(
+      "flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, "
+      "float softcap, Tensor? alibi_slopes) -> (Tensor out, Tensor softmax_lse)");
+  // Backward of flash_attn_fwd, recomputing attention from softmax_lse. dsoftmax_lse: the gradient that
+  // reached softmax_lse, or None. Returns (dq, dk, dv).
+  m.def(
+      "flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "Tensor? dsoftmax_lse, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
+      "Tensor? alibi_slopes) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Backward of flash_attn_varlen_fwd.
+  m.def(
+      "flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor softmax_lse, "
+      "Tensor? dsoftmax_lse, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, "
+      "float softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+  // ---- end flash attention ------------------------------------------------------------------------
 }
 
 namespace fastdl::optim {

@@ -8,7 +8,15 @@ from fastdl._version import __version__
 
 _C = _load_extension()
 
-from fastdl import data, models, ops, optim, train  # noqa: E402
+from fastdl import data, models, nn, ops, optim, train  # noqa: E402
+from fastdl.ops.flash_attn import (  # noqa: E402
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 
 
 def build_info() -> dict:
@@ -16,4 +24,20 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ExtensionError", "__version__", "build_info", "data", "models", "ops", "optim", "train"]
+__all__ = [
+    "ExtensionError",
+    "__version__",
+    "build_info",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "data",
+    "models",
+    "nn",
+    "ops",
+    "optim",
+    "train",
+]

@@ -1,5 +1,6 @@
 """Models built on fastdl's modules: one readable file per architecture, each with a config dataclass."""
 
+from fastdl.models.gpt import GPT, GPTConfig
 from fastdl.models.mlp import MLP, MLPConfig
 
-__all__ = ["MLP", "MLPConfig"]
+__all__ = ["GPT", "GPTConfig", "MLP", "MLPConfig"]

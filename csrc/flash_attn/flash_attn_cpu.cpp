@@ -1,0 +1,613 @@
+// CPU flash attention (FlashAttention-2's algorithm, Dao 2023), forward and backward.
+//
+// Forward: for each (sequence, head, block of kBlockM queries), walk the keys in blocks of kBlockN:
+// S = Q K^T with BLAS, then, per row and in SIMD registers, softcap / ALiBi / window mask, the running
+// max, P = exp(S - max) with its row sum, and a rescale of the output accumulator when the max grows;
+// O += P V with BLAS. Only the keys a block of queries can see are visited (causal attention does half
+// the work), and memory beyond the inputs is O(seqlen): per-thread tiles plus softmax_lse.
+//
+// Backward: one task per (sequence, kv-head, split of the key blocks). For each key block it recomputes
+// P = exp(S - lse) tile by tile from the saved logsumexp, never storing a seqlen_q x seqlen_k matrix:
+// dV += P^T dO, dP = dO V^T, dS = P * (dP - D) with D = rowsum(dO * O), dK += dS^T Q, dQ += dS K.
+// dK and dV of a key block belong to one task (it loops over the query heads of its kv-head for
+// GQA/MQA). dQ gathers over key blocks: each split accumulates into its own buffer (dq itself when
+// there is one split and dq is in the math type), summed in split order at the end. So the result does
+// not depend on scheduling: it is bitwise reproducible for a given thread count.
+//
+// Work is handed out from an atomic counter, heaviest first (causal query blocks near the end see the
+// most keys), so that uneven blocks balance across threads.
+//
+// bf16/fp16 tiles are converted to fp32 as they are loaded and all math is fp32; fp64 runs in fp64
+// (for gradcheck). The GEMM tiles run on the BLAS torch ships (MKL's sgemm_/dgemm_); softmax, masks,
+// scaling, softcap, ALiBi, rescaling and epilogues are written here with at::vec.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/cpu_utils.h"
+#include "common/dispatch.h"
+#include "flash_attn/flash_attn_ops.h"
+
+namespace fastdl::flash_attn {
+namespace {
+
+using cpu::Vec;
+
+// Tile sizes. Forward: a 128 x 256 fp32 score tile is 128 KB, and with a Q tile (32 KB at d=64) and
+// K/V tiles (2 x 64 KB) stays inside a 1 MB L2; 128 rows amortise BLAS call overhead while keeping
+// the causal diagonal's wasted half-tiles small.
+constexpr int64_t kFwdBlockM = 128;
+constexpr int64_t kFwdBlockN = 256;
+// Backward: two score-sized tiles (P and dS) plus dK/dV accumulators; 128 x 128 keeps them in L2.
+constexpr int64_t kBwdBlockM = 128;
+constexpr int64_t kBwdBlockN = 128;
+// Enough tasks per thread that the dynamic schedule balances; more splits cost one dQ buffer each.
+constexpr int64_t kTasksPerThread = 2;
+constexpr int64_t kMaxSplits = 8;
+
+// ---- small helpers ------------------------------------------------------------------------------
+
+// The BLAS torch links (MKL in x86 wheels, which export its Fortran symbols). cpublas::gemm's float and
+// double overloads are not exported from libtorch_cpu, so the GEMMs call BLAS directly. The symbols are
+// weak: on a torch without them the extension still loads and falls back to a loop.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+// Row-major C[M x N] = alpha * op(A) op(B) + beta * C through column-major BLAS: a row-major matrix is
+// its transpose in column-major order, so C^T = op(B)^T op(A)^T.
+template <typename T>
+inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
+                 const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  // BLAS wants ld >= the row length even where there is one row (whose stride may be anything).
+  if ((trans_a ? K : M) == 1) lda = trans_a ? M : K;
+  if ((trans_b ? N : K) == 1) ldb = trans_b ? K : N;
+  if (M == 1) ldc = N;
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
+  if constexpr (std::is_same_v<T, float>) {
+    if (sgemm_) return sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  } else {
+    if (dgemm_) return dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+  }
+  // No BLAS symbols: a plain loop, correct but slow.
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) {
+      T acc = T(0);
+      for (int64_t l = 0; l < K; ++l)
+        acc += (trans_a ? A[l * lda + i] : A[i * lda + l]) * (trans_b ? B[j * ldb + l] : B[l * ldb + j]);
+      C[i * ldc + j] = alpha * acc + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+    }
+  }
+}
+
+// exp for the softmax: fp32 uses at::vec's 20-ulp polynomial (what torch's own CPU flash attention
+// uses; about 1.2e-6 relative), fp64 the accurate Sleef exp.
+template <typename T>
+inline Vec<T> vexp(const Vec<T>& x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x.exp_u20();
+  } else {
+    return x.exp();
+  }
+}
+
+template <typename T>
+inline Vec<T> load_n(const T* p, int64_t n) {
+  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+}
+
+template <typename T>
+inline void store_n(const Vec<T>& v, T* p, int64_t n) {
+  n == Vec<T>::size() ? v.store(p) : v.store(p, n);
+}
+
+// A [rows x d] tile in the math type: the storage itself when it already is the math type (leading
+// dimension ld), else a converted copy in buf (leading dimension d).
+template <typename scalar_t, typename acc_t>
+inline const acc_t* load_tile(const scalar_t* src, int64_t ld, int64_t rows, int64_t d, acc_t* buf, int64_t& ld_out) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    ld_out = ld;
+    return src;
+  } else {
+    for (int64_t r = 0; r < rows; ++r) cpu::convert_n(src + r * ld, buf + r * d, d);
+    ld_out = d;
+    return buf;
+  }
+}
+
+// dst[r] = src[r] * scale[r] in the storage type; scale nullptr means 1.
+template <typename acc_t, typename scalar_t>
+inline void store_rows(const acc_t* src, int64_t ld_src, int64_t rows, int64_t d, const acc_t* scale, scalar_t* dst,
+                       int64_t ld_dst, acc_t* row_buf) {
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* s = src + r * ld_src;
+    acc_t* t = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(dst + r * ld_dst) : row_buf;
+    const V f(scale ? scale[r] : acc_t(1));
+    for (int64_t j = 0; j < d; j += W) {
+      const int64_t n = std::min(W, d - j);
+      store_n(load_n(s + j, n) * f, t + j, n);
+    }
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) cpu::convert_n(row_buf, dst + r * ld_dst, d);
+  }
+}
+
+// One sequence of the batch: where its rows start, its lengths, and the keys each query row sees.
+struct Seq {
+  int64_t q_row0 = 0, k_row0 = 0;  // first row in q / k (varlen), else 0
+  int64_t sq = 0, sk = 0;
+  int64_t wl = -1, wr = -1;
+
+  // Query i sees keys [lo(i), hi(i)); both ends are non-decreasing in i.
+  int64_t lo(int64_t i) const { return wl < 0 ? 0 : std::clamp<int64_t>(i + sk - sq - wl, 0, sk); }
+  int64_t hi(int64_t i) const { return wr < 0 ? sk : std::clamp<int64_t>(i + sk - sq + wr + 1, 0, sk); }
+  // Queries that see at least one key of [n0, n1).
+  int64_t first_query(int64_t n0) const { return wr < 0 ? 0 : std::clamp<int64_t>(n0 - (sk - sq) - wr, 0, sq); }
+  int64_t end_query(int64_t n1) const { return wl < 0 ? sq : std::clamp<int64_t>(n1 - (sk - sq) + wl, 0, sq); }
+};
+
+inline Seq get_seq(const FwdParams& p, int64_t b) {
+  Seq s;
+  if (p.cu_seqlens_q) {
+    s.q_row0 = p.cu_seqlens_q[b];
+    s.k_row0 = p.cu_seqlens_k[b];
+    s.sq = p.cu_seqlens_q[b + 1] - s.q_row0;
+    s.sk = p.cu_seqlens_k[b + 1] - s.k_row0;
+  } else {
+    s.sq = p.seqlen_q;
+    s.sk = p.seqlen_k;
+  }
+  s.wl = p.window_left;
+  s.wr = p.window_right;
+  return s;
+}
+
+// Pointer to row `row` of sequence b, head h, of a [batch, seqlen, heads, d] or [total, heads, d] tensor.
+template <typename T>
+inline T* row_ptr(T* base, const FwdParams& p, int64_t b, const Seq& s, bool is_q, int64_t row, int64_t h,
+                  int64_t batch_stride, int64_t row_stride, int64_t head_stride) {
+  const int64_t row0 = p.cu_seqlens_q ? (is_q ? s.q_row0 : s.k_row0) : 0;
+  return base + (p.cu_seqlens_q ? 0 : b * batch_stride) + (row0 + row) * row_stride + h * head_stride;
+}
+
+// softmax_lse element (b, h, i): [batch, heads, seqlen_q] or [heads, total_q].
+inline int64_t lse_index(const FwdParams& p, int64_t b, const Seq& s, int64_t h, int64_t i) {
+  return (p.cu_seqlens_q ? s.q_row0 : b * p.lse_batch_stride) + h * p.lse_head_stride + i;
+}
+
+inline double alibi_slope(const FwdParams& p, int64_t b, int64_t h) {
+  return p.alibi_slopes ? double(p.alibi_slopes[b * p.alibi_batch_stride + h]) : 0.0;
+}
+
+// Runs fn(item, worker) for item in [0, n) on all threads, handing items out from an atomic counter.
+// worker in [0, num_workers) indexes per-thread scratch.
+template <typename F>
+void parallel_items(int64_t n, int64_t num_workers, const F& fn) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, num_workers, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w)
+      for (int64_t item = next.fetch_add(1); item < n; item = next.fetch_add(1)) fn(item, w);
+  });
+}
+
+// ---- per-row score processing -------------------------------------------------------------------
+//
+// s holds alpha * q.k for one query row, alpha = softmax_scale (or softmax_scale / softcap, so that
+// softcap * tanh(s) is the capped score). Columns [c0, c1) are the keys the row sees. dist0 is the
+// ALiBi distance of column 0: |i + sk - sq - (n0 + j)| = |dist0 - j|.
+
+template <typename T, bool kSoftcap, bool kAlibi>
+inline Vec<T> score(Vec<T> x, T softcap, T neg_slope, T dist0, int64_t j) {
+  using V = Vec<T>;
+  if constexpr (kSoftcap) x = V(softcap) * x.tanh();
+  if constexpr (kAlibi) x = x + V(neg_slope) * (V(dist0) - V::arange(T(j), T(1))).abs();
+  return x;
+}
+
+// Forward: s[c0, c1) <- scores, returns their max.
+template <typename T, bool kSoftcap, bool kAlibi>
+inline T score_row_max(T* s, int64_t c0, int64_t c1, T softcap, T neg_slope, T dist0) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  const V neg_inf(-std::numeric_limits<T>::infinity());
+  V vmax = neg_inf;
+  for (int64_t j = c0; j < c1; j += W) {
+    const int64_t n = std::min(W, c1 - j);
+    V x = score<T, kSoftcap, kAlibi>(load_n(s + j, n), softcap, neg_slope, dist0, j);
+    if constexpr (kSoftcap || kAlibi) store_n(x, s + j, n);
+    vmax = at::vec::maximum(vmax, n == W ? x : V::set(neg_inf, x, n));
+  }
+  return at::vec::vec_reduce_all<T>([](V a, V b) { return at::vec::maximum(a, b); }, vmax);
+}
+
+// s[c0, c1) <- exp(s - sub); returns their sum.
+template <typename T>
+inline T exp_row_sum(T* s, int64_t c0, int64_t c1, T sub) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  V vsum(T(0));
+  for (int64_t j = c0; j < c1; j += W) {
+    const int64_t n = std::min(W, c1 - j);
+    V e = vexp(load_n(s + j, n) - V(sub));
+    store_n(e, s + j, n);
+    vsum += n == W ? e : V::set(V(T(0)), e, n);
+  }
+  return at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, vsum);
+}
+
+// Backward: s[c0, c1) <- P = exp(score - lse) and, with softcap, dtanh[c0, c1) <- 1 - tanh^2 (the
+// derivative of the capped score by alpha * q.k, over softcap).
+template <typename T, bool kSoftcap, bool kAlibi>
+inline void prob_row(T* s, T* dtanh, int64_t c0, int64_t c1, T softcap, T neg_slope, T dist0, T lse) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  for (int64_t j = c0; j < c1; j += W) {
+    const int64_t n = std::min(W, c1 - j);
+    V x = load_n(s + j, n);
+    if constexpr (kSoftcap) {
+      const V t = x.tanh();
+      store_n(V(T(1)) - t * t, dtanh + j, n);
+      x = V(softcap) * t;
+    }
+    if constexpr (kAlibi) x = x + V(neg_slope) * (V(dist0) - V::arange(T(j), T(1))).abs();
+    store_n(vexp(x - V(lse)), s + j, n);
+  }
+}
+
+// Per-worker scratch of one kernel, carved from one allocation.
+template <typename T>
+struct Scratch {
+  std::vector<T> data;
+  int64_t per_worker = 0;
+  T* worker(int64_t w) { return data.data() + w * per_worker; }
+};
+
+// ---- forward ------------------------------------------------------------------------------------
+
+template <typename scalar_t, bool kSoftcap, bool kAlibi>
+void fwd_block(const FwdParams& p, int64_t b, int64_t h, int64_t m0, const Seq& sq,
+               cpu::opmath_t<scalar_t>* buf) {
+  using acc_t = cpu::opmath_t<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN;
+  const int64_t d = p.headdim, hk = h / (p.nheads / p.nheads_k);
+  const int64_t mb = std::min(BM, sq.sq - m0);
+  acc_t* s_tile = buf;                 // [BM, BN]
+  acc_t* o_acc = s_tile + BM * BN;     // [BM, d]
+  acc_t* row_max = o_acc + BM * d;     // [BM]
+  acc_t* row_sum = row_max + BM;       // [BM]
+  acc_t* q_buf = row_sum + BM;         // [BM, d]   converted tiles (bf16 / fp16 only)
+  acc_t* k_buf = q_buf + BM * d;       // [BN, d]
+  acc_t* v_buf = k_buf + BN * d;       // [BN, d]
+
+  const acc_t inf = std::numeric_limits<acc_t>::infinity();
+  std::fill(row_max, row_max + mb, -inf);
+  std::fill(row_sum, row_sum + mb, acc_t(0));
+  std::fill(o_acc, o_acc + mb * d, acc_t(0));
+
+  const auto* q = row_ptr(static_cast<const scalar_t*>(p.q), p, b, sq, true, m0, h, p.q_batch_stride, p.q_row_stride,
+                          p.q_head_stride);
+  int64_t ldq;
+  const acc_t* q_tile = load_tile(q, p.q_row_stride, mb, d, q_buf, ldq);
+
+  const acc_t softcap = acc_t(p.softcap);
+  const acc_t alpha = acc_t(kSoftcap ? p.softmax_scale / p.softcap : p.softmax_scale);
+  const acc_t neg_slope = acc_t(-alibi_slope(p, b, h));
+  const int64_t n_begin = sq.lo(m0), n_end = sq.hi(m0 + mb - 1);
+
+  for (int64_t n0 = n_begin; n0 < n_end; n0 += BN) {
+    const int64_t nb = std::min(BN, n_end - n0);
+    const auto* k = row_ptr(static_cast<const scalar_t*>(p.k), p, b, sq, false, n0, hk, p.k_batch_stride,
+                            p.k_row_stride, p.k_head_stride);
+    const auto* v = row_ptr(static_cast<const scalar_t*>(p.v), p, b, sq, false, n0, hk, p.v_batch_stride,
+                            p.v_row_stride, p.v_head_stride);
+    int64_t ldk, ldv;
+    const acc_t* k_tile = load_tile(k, p.k_row_stride, nb, d, k_buf, ldk);
+    const acc_t* v_tile = load_tile(v, p.v_row_stride, nb, d, v_buf, ldv);
+
+    gemm<acc_t>(false, true, mb, nb, d, alpha, q_tile, ldq, k_tile, ldk, acc_t(0), s_tile, nb);  // S = Q K^T
+
+    for (int64_t r = 0; r < mb; ++r) {
+      const int64_t i = m0 + r;
+      acc_t* s = s_tile + r * nb;
+      const int64_t c0 = std::max<int64_t>(sq.lo(i) - n0, 0), c1 = std::min<int64_t>(sq.hi(i) - n0, nb);
+      if (c0 >= c1) {
+        std::fill(s, s + nb, acc_t(0));
+        continue;
+      }
+      const acc_t dist0 = acc_t(i + sq.sk - sq.sq - n0);
+      const acc_t m_new = std::max(row_max[r], score_row_max<acc_t, kSoftcap, kAlibi>(s, c0, c1, softcap, neg_slope, dist0));
+      const acc_t l = exp_row_sum(s, c0, c1, m_new);
+      std::fill(s, s + c0, acc_t(0));
+      std::fill(s + c1, s + nb, acc_t(0));
+      const acc_t rescale = std::exp(row_max[r] - m_new);  // 0 on the first visible tile (max was -inf)
+      row_sum[r] = row_sum[r] * rescale + l;
+      row_max[r] = m_new;
+      if (rescale != acc_t(1)) {
+        acc_t* o = o_acc + r * d;
+        for (int64_t j = 0; j < d; j += V::size()) {
+          const int64_t n = std::min<int64_t>(V::size(), d - j);
+          store_n(load_n(o + j, n) * V(rescale), o + j, n);
+        }
+      }
+    }
+    gemm<acc_t>(false, false, mb, d, nb, acc_t(1), s_tile, nb, v_tile, ldv, acc_t(1), o_acc, d);  // O += P V
+  }
+
+  // Epilogue: O / rowsum, and lse = max + log(rowsum). A row that saw no key has rowsum 0: its output
+  // is 0 and its lse +inf (as FlashAttention-2), which makes the backward's exp(S - lse) exactly 0.
+  acc_t* lse = static_cast<acc_t*>(p.softmax_lse);
+  for (int64_t r = 0; r < mb; ++r) {
+    const bool empty = row_sum[r] == acc_t(0);
+    lse[lse_index(p, b, sq, h, m0 + r)] = empty ? inf : row_max[r] + std::log(row_sum[r]);
+    row_sum[r] = empty ? acc_t(0) : acc_t(1) / row_sum[r];
+  }
+  auto* out = row_ptr(static_cast<scalar_t*>(p.out), p, b, sq, true, m0, h, p.o_batch_stride, p.o_row_stride,
+                      p.o_head_stride);
+  store_rows(o_acc, d, mb, d, row_sum, out, p.o_row_stride, q_buf);
+}
+
+template <typename scalar_t>
+void fwd_cpu(const FwdParams& p) {
+  using acc_t = cpu::opmath_t<scalar_t>;
+  constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN;
+  const int64_t d = p.headdim, bh = p.batch * p.nheads;
+  const int64_t nqb = (p.seqlen_q + BM - 1) / BM;
+  const int64_t workers = at::get_num_threads();
+  Scratch<acc_t> scratch;
+  scratch.per_worker = BM * BN + 2 * BM * d + 2 * BM + 2 * BN * d;
+  scratch.data.resize(workers * scratch.per_worker);
+  FASTDL_BOOL_SWITCH(p.softcap > 0, kSoftcap, [&] {
+    FASTDL_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
+      // Items run heaviest first: the last query blocks see the most keys under a causal mask.
+      parallel_items(bh * nqb, workers, [&](int64_t item, int64_t w) {
+        const int64_t qb = nqb - 1 - item / bh, b = item % bh / p.nheads, h = item % p.nheads;
+        const Seq s = get_seq(p, b);
+        if (qb * BM < s.sq) fwd_block<scalar_t, kSoftcap, kAlibi>(p, b, h, qb * BM, s, scratch.worker(w));
+      });
+    });
+  });
+}
+
+// ---- backward -----------------------------------------------------------------------------------
+
+// Where one split accumulates dQ: dq itself, or a [total_q, heads, d] math-type buffer.
+template <typename acc_t>
+struct DqTarget {
+  acc_t* base;
+  int64_t batch_stride, row_stride, head_stride;
+};
+
+template <typename scalar_t, bool kSoftcap, bool kAlibi>
+void bwd_key_block(const BwdParams& p, int64_t b, int64_t hk, int64_t n0, const Seq& sq, const DqTarget<cpu::opmath_t<scalar_t>>& dqt,
+                   const cpu::opmath_t<scalar_t>* delta, int64_t delta_row0, int64_t delta_head_stride,
+                   cpu::opmath_t<scalar_t>* buf) {
+  using acc_t = cpu::opmath_t<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t d = p.headdim, group = p.nheads / p.nheads_k;
+  const int64_t nb = std::min(BN, sq.sk - n0);
+  acc_t* p_tile = buf;                   // [BM, BN]  P
+  acc_t* ds_tile = p_tile + BM * BN;     // [BM, BN]  dP, then dS
+  acc_t* dt_tile = ds_tile + BM * BN;    // [BM, BN]  1 - tanh^2 (softcap)
+  acc_t* dk_acc = dt_tile + BM * BN;     // [BN, d]
+  acc_t* dv_acc = dk_acc + BN * d;       // [BN, d]
+  acc_t* k_buf = dv_acc + BN * d;        // [BN, d]   converted tiles (bf16 / fp16 only)
+  acc_t* v_buf = k_buf + BN * d;         // [BN, d]
+  acc_t* q_buf = v_buf + BN * d;         // [BM, d]
+  acc_t* do_buf = q_buf + BM * d;        // [BM, d]
+
+  std::fill(dk_acc, dk_acc + 2 * BN * d, acc_t(0));
+  const auto* k = row_ptr(static_cast<const scalar_t*>(p.k), p, b, sq, false, n0, hk, p.k_batch_stride, p.k_row_stride,
+                          p.k_head_stride);
+  const auto* v = row_ptr(static_cast<const scalar_t*>(p.v), p, b, sq, false, n0, hk, p.v_batch_stride, p.v_row_stride,
+                          p.v_head_stride);
+  int64_t ldk, ldv;
+  const acc_t* k_tile = load_tile(k, p.k_row_stride, nb, d, k_buf, ldk);
+  const acc_t* v_tile = load_tile(v, p.v_row_stride, nb, d, v_buf, ldv);
+
+  const acc_t scale = acc_t(p.softmax_scale);
+  const acc_t softcap = acc_t(p.softcap);
+  const acc_t alpha = acc_t(kSoftcap ? p.softmax_scale / p.softcap : p.softmax_scale);
+  const acc_t* lse = static_cast<const acc_t*>(p.softmax_lse);
+  const int64_t m_begin = sq.first_query(n0), m_end = sq.end_query(n0 + nb);
+
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const acc_t neg_slope = acc_t(-alibi_slope(p, b, h));
+    for (int64_t m0 = m_begin; m0 < m_end; m0 += BM) {
+      const int64_t mb = std::min(BM, m_end - m0);
+      const auto* q = row_ptr(static_cast<const scalar_t*>(p.q), p, b, sq, true, m0, h, p.q_batch_stride,
+                              p.q_row_stride, p.q_head_stride);
+      const auto* dout = row_ptr(static_cast<const scalar_t*>(p.dout), p, b, sq, true, m0, h, p.do_batch_stride,
+                                 p.do_row_stride, p.do_head_stride);
+      int64_t ldq, lddo;
+      const acc_t* q_tile = load_tile(q, p.q_row_stride, mb, d, q_buf, ldq);
+      const acc_t* do_tile = load_tile(dout, p.do_row_stride, mb, d, do_buf, lddo);
+
+      gemm<acc_t>(false, true, mb, nb, d, alpha, q_tile, ldq, k_tile, ldk, acc_t(0), p_tile, nb);  // S = Q K^T
+      for (int64_t r = 0; r < mb; ++r) {
+        const int64_t i = m0 + r;
+        acc_t* s = p_tile + r * nb;
+        const int64_t c0 = std::max<int64_t>(sq.lo(i) - n0, 0), c1 = std::min<int64_t>(sq.hi(i) - n0, nb);
+        if (c0 >= c1) {
+          std::fill(s, s + nb, acc_t(0));
+          continue;
+        }
+        prob_row<acc_t, kSoftcap, kAlibi>(s, dt_tile + r * nb, c0, c1, softcap, neg_slope,
+                                          acc_t(i + sq.sk - sq.sq - n0), lse[lse_index(p, b, sq, h, i)]);
+        std::fill(s, s + c0, acc_t(0));
+        std::fill(s + c1, s + nb, acc_t(0));
+      }
+      gemm<acc_t>(true, false, nb, d, mb, acc_t(1), p_tile, nb, do_tile, lddo, acc_t(1), dv_acc, d);  // dV += P^T dO
+      gemm<acc_t>(false, true, mb, nb, d, acc_t(1), do_tile, lddo, v_tile, ldv, acc_t(0), ds_tile, nb);  // dP = dO V^T
+      const acc_t* delta_h = delta + h * delta_head_stride + delta_row0 + m0;
+      for (int64_t r = 0; r < mb; ++r) {  // dS = P * (dP - D) [* (1 - tanh^2)]
+        const acc_t* pr = p_tile + r * nb;
+        const acc_t* dtr = dt_tile + r * nb;
+        acc_t* dsr = ds_tile + r * nb;
+        const V dr(delta_h[r]);
+        for (int64_t j = 0; j < nb; j += V::size()) {
+          const int64_t n = std::min<int64_t>(V::size(), nb - j);
+          V ds = load_n(pr + j, n) * (load_n(dsr + j, n) - dr);
+          // dtanh outside a row's visible keys holds stale but finite values, and P is 0 there.
+          if constexpr (kSoftcap) ds = ds * load_n(dtr + j, n);
+          store_n(ds, dsr + j, n);
+        }
+      }
+      gemm<acc_t>(true, false, nb, d, mb, scale, ds_tile, nb, q_tile, ldq, acc_t(1), dk_acc, d);  // dK += dS^T Q
+      acc_t* dq = dqt.base + (p.cu_seqlens_q ? 0 : b * dqt.batch_stride) + (sq.q_row0 + m0) * dqt.row_stride +
+                  h * dqt.head_stride;
+      gemm<acc_t>(false, false, mb, d, nb, scale, ds_tile, nb, k_tile, ldk, acc_t(1), dq, dqt.row_stride);  // dQ += dS K
+    }
+  }
+  auto* dk = row_ptr(static_cast<scalar_t*>(p.dk), p, b, sq, false, n0, hk, p.dk_batch_stride, p.dk_row_stride,
+                     p.dk_head_stride);
+  auto* dv = row_ptr(static_cast<scalar_t*>(p.dv), p, b, sq, false, n0, hk, p.dv_batch_stride, p.dv_row_stride,
+                     p.dv_head_stride);
+  store_rows<acc_t, scalar_t>(dk_acc, d, nb, d, nullptr, dk, p.dk_row_stride, q_buf);
+  store_rows<acc_t, scalar_t>(dv_acc, d, nb, d, nullptr, dv, p.dv_row_stride, q_buf);
+}
+
+template <typename scalar_t>
+void bwd_cpu(const BwdParams& p) {
+  using acc_t = cpu::opmath_t<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  const int64_t d = p.headdim, H = p.nheads;
+  const int64_t workers = at::get_num_threads();
+  const int64_t total_q = p.cu_seqlens_q ? p.cu_seqlens_q[p.batch] : p.batch * p.seqlen_q;
+  auto delta_row0 = [&](int64_t b, const Seq& s) { return p.cu_seqlens_q ? s.q_row0 : b * p.seqlen_q; };
+
+  // D = rowsum(dO * O) - dlse, [heads, total_q]. (A gradient reaching lse adds dlse * P to dS.)
+  std::vector<acc_t> delta(H * total_q);
+  at::parallel_for(0, p.batch * H, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row_o(d), row_do(d);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const Seq s = get_seq(p, b);
+      for (int64_t i = 0; i < s.sq; ++i) {
+        const auto* o = row_ptr(static_cast<const scalar_t*>(p.out), p, b, s, true, i, h, p.o_batch_stride,
+                                p.o_row_stride, p.o_head_stride);
+        const auto* g = row_ptr(static_cast<const scalar_t*>(p.dout), p, b, s, true, i, h, p.do_batch_stride,
+                                p.do_row_stride, p.do_head_stride);
+        int64_t unused;
+        const acc_t* ov = load_tile(o, 0, 1, d, row_o.data(), unused);
+        const acc_t* gv = load_tile(g, 0, 1, d, row_do.data(), unused);
+        V acc(acc_t(0));
+        for (int64_t j = 0; j < d; j += V::size()) {
+          const int64_t n = std::min<int64_t>(V::size(), d - j);
+          acc = acc + load_n(ov + j, n) * load_n(gv + j, n);
+        }
+        acc_t dsum = at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc);
+        if (p.dsoftmax_lse) dsum -= static_cast<const acc_t*>(p.dsoftmax_lse)[lse_index(p, b, s, h, i)];
+        delta[h * total_q + delta_row0(b, s) + i] = dsum;
+      }
+    }
+  });
+
+  // Split the key blocks of each (sequence, kv-head) when there are too few of those to keep every
+  // thread busy; split s takes key blocks s, s + nsplit, ... (interleaved, so causal work balances).
+  const int64_t nkb = (p.seqlen_k + BN - 1) / BN;
+  const int64_t pairs = p.batch * p.nheads_k;
+  const int64_t nsplit = std::clamp<int64_t>((kTasksPerThread * workers + pairs - 1) / std::max<int64_t>(pairs, 1),
+                                             1, std::clamp<int64_t>(nkb, 1, kMaxSplits));
+  const bool direct = std::is_same_v<scalar_t, acc_t> && nsplit == 1;
+  std::vector<acc_t> dq_accum(direct ? 0 : nsplit * total_q * H * d);
+  std::vector<DqTarget<acc_t>> targets(nsplit);
+  if (direct) {
+    targets[0] = {static_cast<acc_t*>(p.dq), p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride};
+    // dq is a fresh [batch, seqlen_q, heads, d] or [total_q, heads, d] tensor: zero it row by row.
+    at::parallel_for(0, total_q, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t b = p.cu_seqlens_q ? 0 : r / std::max<int64_t>(p.seqlen_q, 1);
+        const int64_t i = p.cu_seqlens_q ? r : r % std::max<int64_t>(p.seqlen_q, 1);
+        acc_t* row = static_cast<acc_t*>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride;
+        for (int64_t h = 0; h < H; ++h) std::fill(row + h * p.dq_head_stride, row + h * p.dq_head_stride + d, acc_t(0));
+      }
+    });
+  } else {
+    for (int64_t sp = 0; sp < nsplit; ++sp) {
+      // Laid out as a varlen tensor [total_q, heads, d]; batch mode rows are b * seqlen_q + i.
+      targets[sp] = {dq_accum.data() + sp * total_q * H * d, p.cu_seqlens_q ? 0 : p.seqlen_q * H * d, H * d, d};
+    }
+  }
+
+  Scratch<acc_t> scratch;
+  scratch.per_worker = 3 * BM * BN + 4 * BN * d + 2 * BM * d;
+  scratch.data.resize(workers * scratch.per_worker);
+  FASTDL_BOOL_SWITCH(p.softcap > 0, kSoftcap, [&] {
+    FASTDL_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
+      parallel_items(pairs * nsplit, workers, [&](int64_t item, int64_t w) {
+        const int64_t sp = item / pairs, b = item % pairs / p.nheads_k, hk = item % p.nheads_k;
+        const Seq s = get_seq(p, b);
+        for (int64_t kb = sp; kb * BN < s.sk; kb += nsplit) {
+          bwd_key_block<scalar_t, kSoftcap, kAlibi>(p, b, hk, kb * BN, s, targets[sp], delta.data(), delta_row0(b, s),
+                                                    total_q, scratch.worker(w));
+        }
+      });
+    });
+  });
+
+  if (direct) return;
+  // dq = sum of the splits, in split order.
+  at::parallel_for(0, total_q, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> row(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = p.cu_seqlens_q ? 0 : r / std::max<int64_t>(p.seqlen_q, 1);
+      const int64_t i = p.cu_seqlens_q ? r : r % std::max<int64_t>(p.seqlen_q, 1);
+      auto* dq = static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride;
+      for (int64_t h = 0; h < H; ++h) {
+        const acc_t* src = dq_accum.data() + (r * H + h) * d;
+        std::copy(src, src + d, row.data());
+        for (int64_t sp = 1; sp < nsplit; ++sp) {
+          const acc_t* part = src + sp * total_q * H * d;
+          for (int64_t j = 0; j < d; j += V::size()) {
+            const int64_t n = std::min<int64_t>(V::size(), d - j);
+            store_n(load_n(row.data() + j, n) + load_n(part + j, n), row.data() + j, n);
+          }
+        }
+        store_rows<acc_t, scalar_t>(row.data(), d, 1, d, nullptr, dq + h * p.dq_head_stride, d, row.data());
+      }
+    }
+  });
+}
+
+// ---- launchers ----------------------------------------------------------------------------------
+
+void launch_fwd_cpu(const FwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return fwd_cpu<float>(p);
+    case DType::kFloat64: return fwd_cpu<double>(p);
+    case DType::kBFloat16: return fwd_cpu<c10::BFloat16>(p);
+    case DType::kFloat16: return fwd_cpu<c10::Half>(p);
+  }
+}
+
+void launch_bwd_cpu(const BwdParams& p) {
+  switch (p.dtype) {
+    case DType::kFloat32: return bwd_cpu<float>(p);
+    case DType::kFloat64: return bwd_cpu<double>(p);
+    case DType::kBFloat16: return bwd_cpu<c10::BFloat16>(p);
+    case DType::kFloat16: return bwd_cpu<c10::Half>(p);
+  }
+}
+
+}  // namespace
+}  // namespace fastdl::flash_attn
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  FASTDL_REGISTER_FLASH_ATTN_IMPLS(m, fastdl::flash_attn::launch_fwd_cpu, fastdl::flash_attn::launch_bwd_cpu);
+}

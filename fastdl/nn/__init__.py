@@ -1,0 +1,16 @@
+"""nn.Modules built on fastdl's kernels. Drop-ins for torch modules keep torch's constructor arguments and
+state_dict keys, so that weights load either way."""
+
+from fastdl.nn.attention import Attention, KVCache, MultiheadAttention
+from fastdl.nn.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_emb, swiglu_hidden_dim
+
+__all__ = [
+    "Attention",
+    "KVCache",
+    "MultiheadAttention",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "SwiGLU",
+    "apply_rotary_emb",
+    "swiglu_hidden_dim",
+]
