@@ -174,6 +174,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{settings.recipe.name}: step {result.step}{stopped}, {summary}, train_loss {result.train_loss:.4f}")
         for kind, path in result.files.items():
             print(f"  {kind:10s} {path}")
+        if result.sample is not None:
+            print(f"\nsample:\n{result.sample}")
     return 0
 
 

@@ -117,4 +117,6 @@ def run_recipe(recipe_name: str | None = None, overrides: Mapping[str, Any] | No
     if saved is not None:
         trainer.check_checkpoint(saved, path=resume_path)
     result = trainer.fit(resume_from=saved)
+    if parts.sample is not None and dist_env.is_main:
+        result.sample = parts.sample(parts.model)
     return result, settings, parts.final_metric

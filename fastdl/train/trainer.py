@@ -64,6 +64,12 @@ class TrainingDivergedError(RuntimeError):
     """Too many consecutive steps had non-finite gradients."""
 
 
+def primary_output(outputs: Any) -> Tensor:
+    """What metrics see: the outputs, or the first element when the model returns a tuple (GPT's
+    (logits, loss), Hugging Face's ModelOutput order). The loss function always gets the outputs whole."""
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
 @dataclass
 class TrainResult:
     step: int                     # optimizer steps done (including skipped ones)
@@ -73,6 +79,7 @@ class TrainResult:
     best: float | None            # best value of the monitored metric
     skipped_steps: int            # steps skipped for non-finite gradients
     files: dict[str, Path] = field(default_factory=dict)  # checkpoint, log, plot (rank 0, with out_dir)
+    sample: str | None = None     # what the recipe generated from the trained model, if it generates
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, fsdp: bool = False) -> torch.optim.Optimizer:
@@ -420,7 +427,7 @@ class Trainer:
             loss_sum += loss.double() * n
             count += n
             for metric in self.metrics.values():
-                metric.update(outputs.float(), targets)
+                metric.update(primary_output(outputs).float(), targets)
         model.train(was_training)
         # One all-reduce for everything: [loss sum, count, metric states ...].
         parts = [loss_sum.reshape(1).cpu(), count.reshape(1).cpu()] + [m.state for m in self.metrics.values()]

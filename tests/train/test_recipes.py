@@ -12,6 +12,9 @@ from fastdl.train.recipes import DEFAULT_RECIPE, get_recipe, unregister_recipe
 from fastdl.train.run import resolve_settings
 
 SHORT = {"steps": 40, "warmup_steps": 0, "log_every": 5, "eval_every": 40, "progress": False}
+# Smaller models where a recipe's default would make a 40-step run slow on a 2-core CI machine.
+SMALL = {"gpt-chars": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "block_size": 64,
+                       "batch_size": 16, "sample_chars": 20}}
 
 
 def train_losses(out_dir) -> list[float]:
@@ -20,10 +23,16 @@ def train_losses(out_dir) -> list[float]:
 
 @pytest.mark.parametrize("name", recipe_names())
 def test_loss_falls_on_each_recipe(name, tmp_path):
-    result, _, final_metric = run_recipe(name, SHORT, out_dir=tmp_path)
+    result, _, final_metric = run_recipe(name, {**SHORT, **SMALL.get(name, {})}, out_dir=tmp_path)
     curve = train_losses(tmp_path)
     assert curve[-1] < 0.75 * curve[0], curve
     assert final_metric in result.metrics
+
+
+def test_gpt_chars_ends_with_a_generated_sample(tmp_path):
+    overrides = {**SHORT, **SMALL["gpt-chars"], "steps": 5, "sample_prompt": "def "}
+    result, _, _ = run_recipe("gpt-chars", overrides, out_dir=tmp_path)
+    assert result.sample.startswith("def ") and len(result.sample) == len("def ") + 20
 
 
 def test_loss_falls_on_a_char_lm_recipe_registered_from_outside(char_recipe, tmp_path):

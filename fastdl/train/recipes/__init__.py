@@ -67,6 +67,7 @@ class RecipeParts:
     metrics: dict[str, Metric] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able; saved in checkpoints and config.json
     final_metric: str = "eval_loss"                      # the number `fastdl train` reports at the end
+    sample: Optional[Callable[[nn.Module], str]] = None  # text to show after training (language models)
 
 
 @dataclass(frozen=True)
