@@ -8,6 +8,12 @@ from fastdl._version import __version__
 _C = _load_extension()
 
 from fastdl import ops, optim  # noqa: E402
+from fastdl.ops import (  # noqa: E402
+    causal_conv1d_fn,
+    causal_conv1d_update,
+    selective_scan_fn,
+    selective_state_update,
+)
 
 
 def build_info() -> dict:
@@ -15,4 +21,14 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ExtensionError", "__version__", "build_info", "ops", "optim"]
+__all__ = [
+    "ExtensionError",
+    "__version__",
+    "build_info",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "ops",
+    "optim",
+    "selective_scan_fn",
+    "selective_state_update",
+]

@@ -2,3 +2,26 @@
 its fake (meta) implementation for torch.compile, and a pure-PyTorch reference beside it."""
 
 from fastdl.ops import fused_optim  # noqa: F401
+from fastdl.ops.causal_conv1d import (
+    causal_conv1d_fn,
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    causal_conv1d_update_ref,
+)
+from fastdl.ops.selective_scan import (
+    selective_scan_fn,
+    selective_scan_ref,
+    selective_state_update,
+    selective_state_update_ref,
+)
+
+__all__ = [
+    "causal_conv1d_fn",
+    "causal_conv1d_ref",
+    "causal_conv1d_update",
+    "causal_conv1d_update_ref",
+    "selective_scan_fn",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+]
