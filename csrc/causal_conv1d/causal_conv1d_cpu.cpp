@@ -70,6 +70,16 @@ void store_row(const T* src, int64_t n, void* base, DType dt, int64_t offset, in
   }
 }
 
+// Sum of the lanes of v.
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  alignas(64) T buf[Vec<T>::size()];
+  v.store(buf);
+  T s = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += buf[i];
+  return s;
+}
+
 template <typename T>
 inline Vec<T> vload(const T* p, int64_t cnt) {
   return cnt == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, cnt);
@@ -112,7 +122,8 @@ void conv_row(const T* xpad, const T* w, T bias, int64_t width, int64_t n, bool 
 template <typename T>
 void fwd_impl(const ConvParams& p) {
   const int64_t L = p.seqlen, pad = p.width - 1;
-  at::parallel_for(0, p.batch * p.dim, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L));  // rows per task
+  at::parallel_for(0, p.batch * p.dim, grain, [&](int64_t begin, int64_t end) {
     std::vector<T> xpad(L + pad), out(L);
     T w[kMaxWidth], bias;
     for (int64_t i = begin; i < end; ++i) {
@@ -132,7 +143,8 @@ void bwd_impl(const ConvBwdParams& p) {
   constexpr int64_t W = V::size();
   const int64_t L = p.seqlen, width = p.width, pad = width - 1, BD = p.batch * p.dim;
   std::vector<T> dw_part(BD * width), db_part(BD);  // per row, summed over the batch below
-  at::parallel_for(0, BD, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(1, L));  // rows per task
+  at::parallel_for(0, BD, grain, [&](int64_t begin, int64_t end) {
     // gpad: the gradient wrt the pre-activation, with width - 1 trailing zeros.
     std::vector<T> xpad(L + pad), gpad(L + pad), dx(L);
     T w[kMaxWidth], bias;
@@ -165,7 +177,6 @@ void bwd_impl(const ConvBwdParams& p) {
         for (int64_t k = 0; k < width; ++k) dw[k] = at::vec::fmadd(g, vload(xpad.data() + t + k, cnt), dw[k]);
       }
       store_row(dx.data(), L, p.dx, p.input_dtype, i * L);
-      auto hsum = [](const V& v) { return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, v); };
       for (int64_t k = 0; k < width; ++k) dw_part[i * width + k] = hsum(dw[k]);
       db_part[i] = hsum(db);
     }
@@ -182,7 +193,8 @@ void bwd_impl(const ConvBwdParams& p) {
 template <typename T>
 void update_impl(const ConvUpdateParams& p) {
   const int64_t S = p.state_len, n = p.seqlen, pad = p.width - 1;
-  at::parallel_for(0, p.batch * p.dim, 64, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / (S + n));
+  at::parallel_for(0, p.batch * p.dim, grain, [&](int64_t begin, int64_t end) {
     // buf = [conv_state, x]: the output at t reads buf[S + t - pad .. S + t].
     std::vector<T> buf(S + n), out(n);
     T w[kMaxWidth], bias = T(0);

@@ -44,7 +44,8 @@ inline void check_conv_args(const char* op, const Tensor& x, const Tensor& weigh
   if (bias) {
     TORCH_CHECK(bias->device() == x.device(), op, ": bias is on ", bias->device(), " but x is on ", x.device(),
                 "; all tensors must be on one device");
-    CHECK_SHAPE(*bias, dim);
+    TORCH_CHECK(bias->sizes() == c10::IntArrayRef({dim}), op, ": bias must have shape ", shape_str({dim}),
+                " (dim,), got ", shape_str(bias->sizes()));
     TORCH_CHECK(bias->scalar_type() == wt, op, ": bias must have the dtype of weight (", wt, "), got ",
                 bias->scalar_type());
   }
@@ -82,7 +83,8 @@ std::tuple<Tensor, Tensor, Tensor> causal_conv1d_bwd(const Tensor& x, const Tens
   const char* op = "causal_conv1d_bwd";
   check_conv_args(op, x, weight, bias);
   TORCH_CHECK(dout.device() == x.device(), op, ": dout is on ", dout.device(), " but x is on ", x.device());
-  CHECK_SHAPE(dout, x.size(0), x.size(1), x.size(2));
+  TORCH_CHECK(dout.sizes() == x.sizes(), op, ": dout must have shape ", shape_str(x.sizes()), " (that of x), got ",
+              shape_str(dout.sizes()));
   TORCH_CHECK(dout.scalar_type() == x.scalar_type(), op, ": dout must have the dtype of x (", x.scalar_type(),
               "), got ", dout.scalar_type());
   ConvBwdParams p;

@@ -84,6 +84,16 @@ void store_row(const T* src, int64_t n, void* base, DType dt, int64_t offset) {
 
 // ---- vector helpers ----
 
+// Sum of the lanes of v.
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  alignas(64) T buf[Vec<T>::size()];
+  v.store(buf);
+  T s = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += buf[i];
+  return s;
+}
+
 template <typename T>
 inline Vec<T> vload(const T* p, int64_t cnt) {
   return cnt == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, cnt);
@@ -169,12 +179,16 @@ void load_bc_tile(const void* base, DType dt, int64_t offset, int64_t sn, int64_
 // ---- work decomposition ----
 
 struct Units {
-  int64_t groups, channels_per_group, blocks_per_group, count;
+  int64_t groups, channels_per_group, blocks_per_group, count, grain;
   explicit Units(const ScanParams& p) {
     groups = (p.is_variable_B || p.is_variable_C) ? p.n_groups : 1;
     channels_per_group = p.dim / groups;
     blocks_per_group = (channels_per_group + kBlock - 1) / kBlock;
     count = p.batch * groups * blocks_per_group;
+    // Units per task: at least ~256K state updates (~0.1 ms), so that small scans do not pay for
+    // waking the thread pool (torch's own GRAIN_SIZE is 32K elements of an elementwise op).
+    const int64_t unit_work = std::max<int64_t>(1, std::min(kBlock, channels_per_group) * p.seqlen * p.dstate);
+    grain = std::max<int64_t>(1, (int64_t{1} << 18) / unit_work);
   }
   // Unit i -> batch b, group g, channels [d0, d1).
   void decode(int64_t i, int64_t& b, int64_t& g, int64_t& j, int64_t& d0, int64_t& d1) const {
@@ -319,7 +333,7 @@ template <typename T, int NV>
 void scan_fwd_impl(const ScanParams& p) {
   const Units units(p);
   const int64_t npad = (p.dstate + Vec<T>::size() - 1) / Vec<T>::size() * Vec<T>::size();
-  at::parallel_for(0, units.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, units.count, units.grain, [&](int64_t begin, int64_t end) {
     FwdWorkspace<T> ws(npad, p.dstate);
     for (int64_t i = begin; i < end; ++i) scan_fwd_unit<T, NV>(p, units, i, ws);
   });
@@ -512,7 +526,6 @@ void scan_bwd_unit(const ScanBwdParams& p, const Units& units, int64_t unit, Bwd
       });
       store_row(ws.s1, len, p.du, p.input_dtype, (b * p.dim + d) * L + t0);
       store_row(ws.s2, len, p.ddelta, p.input_dtype, (b * p.dim + d) * L + t0);
-      auto hsum = [](const V& v) { return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, v); };
       ws.dD[ch] += hsum(dD_acc);
       ws.dbias[ch] += hsum(dbias_acc);
     }
@@ -534,14 +547,20 @@ void scan_bwd_unit(const ScanBwdParams& p, const Units& units, int64_t unit, Bwd
   }
 }
 
-// out[i] = sum over k < count of parts[k * stride + i], for i < n, in order of k.
+// out[o * n + i] = sum over k < count of parts[(o * count + k) * n + i], for o < outer and i < n, adding
+// in order of k whatever the number of threads.
 template <typename T>
-void sum_parts(const T* parts, int64_t count, int64_t stride, int64_t n, void* out, DType dt, int64_t out_offset = 0) {
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    std::vector<T> acc(parts + begin, parts + end);
-    for (int64_t k = 1; k < count; ++k)
-      for (int64_t i = begin; i < end; ++i) acc[i - begin] += parts[k * stride + i];
-    store_row(acc.data(), end - begin, out, dt, out_offset + begin);
+void sum_parts(const T* parts, int64_t outer, int64_t count, int64_t n, void* out, DType dt) {
+  at::parallel_for(0, outer * n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
+    std::vector<T> acc;
+    for (int64_t o = begin / n; o * n < end; ++o) {
+      const int64_t i0 = std::max(begin, o * n) - o * n, i1 = std::min(end, (o + 1) * n) - o * n;
+      const T* base = parts + o * count * n;
+      acc.assign(base + i0, base + i1);
+      for (int64_t k = 1; k < count; ++k)
+        for (int64_t i = i0; i < i1; ++i) acc[i - i0] += base[k * n + i];
+      store_row(acc.data(), i1 - i0, out, dt, o * n + i0);
+    }
   });
 }
 
@@ -559,24 +578,20 @@ void scan_bwd_impl(const ScanBwdParams& p) {
   if (p.is_variable_B) part.dB.resize(units.count * n * L);
   if (p.is_variable_C) part.dC.resize(units.count * n * L);
 
-  at::parallel_for(0, units.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, units.count, units.grain, [&](int64_t begin, int64_t end) {
     BwdWorkspace<T> ws(npad, n);
     for (int64_t i = begin; i < end; ++i) scan_bwd_unit<T, NV>(p, units, i, ws, part);
   });
 
   // Sums over the batch (parameters) and over the channel blocks of a group (input-dependent B / C).
-  sum_parts(part.dA.data(), p.batch, p.dim * n, p.dim * n, p.dA, p.weight_dtype);
-  sum_parts(part.dD.data(), p.batch, p.dim, p.dim, p.dD, p.weight_dtype);
-  sum_parts(part.dbias.data(), p.batch, p.dim, p.dim, p.ddelta_bias, p.weight_dtype);
-  if (!p.is_variable_B) sum_parts(part.dBw.data(), p.batch, p.dim * n, p.dim * n, p.dB, p.weight_dtype);
-  if (!p.is_variable_C) sum_parts(part.dCw.data(), p.batch, p.dim * n, p.dim * n, p.dC, p.weight_dtype);
-  const int64_t per_group = units.blocks_per_group * n * L;
-  for (int64_t bg = 0; bg < p.batch * units.groups; ++bg) {
-    if (p.is_variable_B)
-      sum_parts(part.dB.data() + bg * per_group, units.blocks_per_group, n * L, n * L, p.dB, p.input_dtype, bg * n * L);
-    if (p.is_variable_C)
-      sum_parts(part.dC.data() + bg * per_group, units.blocks_per_group, n * L, n * L, p.dC, p.input_dtype, bg * n * L);
-  }
+  sum_parts(part.dA.data(), 1, p.batch, p.dim * n, p.dA, p.weight_dtype);
+  sum_parts(part.dD.data(), 1, p.batch, p.dim, p.dD, p.weight_dtype);
+  sum_parts(part.dbias.data(), 1, p.batch, p.dim, p.ddelta_bias, p.weight_dtype);
+  if (!p.is_variable_B) sum_parts(part.dBw.data(), 1, p.batch, p.dim * n, p.dB, p.weight_dtype);
+  if (!p.is_variable_C) sum_parts(part.dCw.data(), 1, p.batch, p.dim * n, p.dC, p.weight_dtype);
+  const int64_t batch_groups = p.batch * units.groups;
+  if (p.is_variable_B) sum_parts(part.dB.data(), batch_groups, units.blocks_per_group, n * L, p.dB, p.input_dtype);
+  if (p.is_variable_C) sum_parts(part.dC.data(), batch_groups, units.blocks_per_group, n * L, p.dC, p.input_dtype);
 }
 
 // Compile-time state width for the common sizes (dstate <= 64 in fp32); other sizes loop at run time.
@@ -621,7 +636,8 @@ template <typename T>
 void state_update_impl(const StateUpdateParams& p) {
   using V = Vec<T>;
   const int64_t n = p.dstate, cpg = p.dim / p.n_groups;
-  at::parallel_for(0, p.batch * p.dim, 64, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / n);  // ~32K state elements per task
+  at::parallel_for(0, p.batch * p.dim, grain, [&](int64_t begin, int64_t end) {
     alignas(64) T h[kMaxDstate], A[kMaxDstate], B[kMaxDstate], C[kMaxDstate];
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / p.dim, d = i % p.dim, g = d / cpg;
@@ -644,7 +660,7 @@ void state_update_impl(const StateUpdateParams& p) {
         vstore(hk, h + k, cnt);
         acc = at::vec::fmadd(hk, vload(C + k, cnt), acc);  // lanes past n load as 0
       });
-      T y = at::vec::vec_reduce_all<T>([](V a, V c) { return a + c; }, acc) + Dd * x;
+      T y = hsum(acc) + Dd * x;
       if (p.z) {
         T z;
         load_row(p.z, p.input_dtype, b * p.z_batch_stride + d * p.z_d_stride, 1, 1, &z);

@@ -41,6 +41,12 @@ inline void check_same_device(const char* op, const Tensor& ref, const Tensor& t
               "; all tensors must be on one device");
 }
 
+inline void check_shape(const char* op, const Tensor& t, const char* name, c10::IntArrayRef expected,
+                        const char* meaning) {
+  TORCH_CHECK(t.sizes() == expected, op, ": ", name, " must have shape ", shape_str(expected), " ", meaning,
+              ", got ", shape_str(t.sizes()));
+}
+
 inline void check_dtype(const char* op, const Tensor& t, at::ScalarType dtype, const char* name, const char* why) {
   TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must have dtype ", dtype, " (", why, "), got ",
               t.scalar_type());
@@ -106,11 +112,11 @@ inline void set_scan_params(ScanParams& p, const char* op, const Tensor& u, cons
               ": B and C must have the same number of groups, got ", groups[0], " and ", groups[1]);
 
   if (D) {
-    CHECK_SHAPE(*D, dim);
+    check_shape(op, *D, "D", {dim}, "(dim,)");
     check_dtype(op, *D, wtype, "D", wwhy);
   }
   if (delta_bias) {
-    CHECK_SHAPE(*delta_bias, dim);
+    check_shape(op, *delta_bias, "delta_bias", {dim}, "(dim,)");
     check_dtype(op, *delta_bias, wtype, "delta_bias", wwhy);
   }
   if (z) {
@@ -119,7 +125,7 @@ inline void set_scan_params(ScanParams& p, const char* op, const Tensor& u, cons
     check_dtype(op, *z, itype, "z", "that of u");
   }
   if (initial_state) {
-    CHECK_SHAPE(*initial_state, batch, dim, dstate);
+    check_shape(op, *initial_state, "initial_state", {batch, dim, dstate}, "(batch, dim, dstate)");
     check_dtype(op, *initial_state, wtype, "initial_state", "states are kept in the parameter dtype");
   }
 
@@ -200,14 +206,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const auto wtype = weight_type_for(u.scalar_type());
   check_same_device(op, u, dout, "dout");
   check_same_device(op, u, checkpoints, "checkpoints");
-  CHECK_SHAPE(dout, p.batch, p.dim, p.seqlen);
+  check_shape(op, dout, "dout", {p.batch, p.dim, p.seqlen}, "(batch, dim, seqlen)");
   check_dtype(op, dout, u.scalar_type(), "dout", "that of u");
   if (dlast_state) {
     check_same_device(op, u, *dlast_state, "dlast_state");
-    CHECK_SHAPE(*dlast_state, p.batch, p.dim, p.dstate);
+    check_shape(op, *dlast_state, "dlast_state", {p.batch, p.dim, p.dstate}, "(batch, dim, dstate)");
     check_dtype(op, *dlast_state, wtype, "dlast_state", "that of last_state");
   }
-  CHECK_SHAPE(checkpoints, p.batch, p.dim, p.n_chunks, p.dstate);
+  check_shape(op, checkpoints, "checkpoints", {p.batch, p.dim, p.n_chunks, p.dstate},
+              "(batch, dim, ceil(seqlen / 64), dstate)");
   check_dtype(op, checkpoints, wtype, "checkpoints", "as saved by selective_scan_fwd");
   CHECK_CONTIGUOUS(checkpoints);
 
@@ -256,10 +263,10 @@ Tensor selective_state_update(const Tensor& state, const Tensor& x, const Tensor
                 "; all tensors must be on one device");
   };
   dev(state, "state"), dev(dt, "dt"), dev(A, "A"), dev(B, "B"), dev(C, "C");
-  CHECK_SHAPE(x, batch, dim);
-  CHECK_SHAPE(dt, batch, dim);
+  check_shape(op, x, "x", {batch, dim}, "(batch, dim)");
+  check_shape(op, dt, "dt", {batch, dim}, "(batch, dim)");
   check_dtype(op, dt, t, "dt", "that of x");
-  CHECK_SHAPE(A, dim, dstate);
+  check_shape(op, A, "A", {dim, dstate}, "(dim, dstate)");
   check_dtype(op, A, wtype, "A", wwhy);
   int64_t n_groups = 1;
   for (auto [v, name] : {std::pair{&B, "B"}, {&C, "C"}}) {
@@ -282,17 +289,17 @@ Tensor selective_state_update(const Tensor& state, const Tensor& x, const Tensor
   TORCH_CHECK(gB == gC, op, ": B and C must have the same number of groups, got ", gB, " and ", gC);
   if (D) {
     dev(*D, "D");
-    CHECK_SHAPE(*D, dim);
+    check_shape(op, *D, "D", {dim}, "(dim,)");
     check_dtype(op, *D, wtype, "D", wwhy);
   }
   if (dt_bias) {
     dev(*dt_bias, "dt_bias");
-    CHECK_SHAPE(*dt_bias, dim);
+    check_shape(op, *dt_bias, "dt_bias", {dim}, "(dim,)");
     check_dtype(op, *dt_bias, wtype, "dt_bias", wwhy);
   }
   if (z) {
     dev(*z, "z");
-    CHECK_SHAPE(*z, batch, dim);
+    check_shape(op, *z, "z", {batch, dim}, "(batch, dim)");
     check_dtype(op, *z, t, "z", "that of x");
   }
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastdl import _C  # noqa: F401  (registers torch.ops.fastdl.*)
+from fastdl.ops.selective_scan import _check_devices
 
 
 def _use_silu(activation: Optional[str]) -> bool:
@@ -41,11 +42,13 @@ def causal_conv1d_fn(
 
 @torch.library.register_fake("fastdl::causal_conv1d_fwd")
 def _causal_conv1d_fwd_fake(x, weight, bias, silu):
+    _check_devices("causal_conv1d_fwd", "x", x=x, weight=weight, bias=bias)
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("fastdl::causal_conv1d_bwd")
 def _causal_conv1d_bwd_fake(x, weight, bias, dout, silu):
+    _check_devices("causal_conv1d_bwd", "x", x=x, weight=weight, bias=bias, dout=dout)
     return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])
 
 
@@ -88,6 +91,7 @@ def causal_conv1d_update(
 
 @torch.library.register_fake("fastdl::causal_conv1d_update")
 def _causal_conv1d_update_fake(x, conv_state, weight, bias, silu):
+    _check_devices("causal_conv1d_update", "x", x=x, conv_state=conv_state, weight=weight, bias=bias)
     return x.new_empty(x.shape)
 
 

@@ -30,6 +30,15 @@ from fastdl import _C  # noqa: F401  (registers torch.ops.fastdl.*)
 CHECKPOINT_CHUNK = 64
 
 
+def _check_devices(op: str, first: str, **tensors: Optional[Tensor]) -> None:
+    """Mixed devices dispatch to the fake kernel (e.g. cpu + meta), so the fakes check them too."""
+    device = tensors[first].device
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {first} is on {device}; "
+                               "all tensors must be on one device")
+
+
 def _param_dtype(u: Tensor) -> torch.dtype:
     """A, D, delta_bias, per-channel B / C and the states are fp32 (fp64 with fp64 inputs)."""
     return torch.float64 if u.dtype == torch.float64 else torch.float32
@@ -69,6 +78,8 @@ def selective_scan_fn(
 
 @torch.library.register_fake("fastdl::selective_scan_fwd")
 def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
+    _check_devices("selective_scan_fwd", "u", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
+                   initial_state=initial_state)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     n_chunks = (seqlen + CHECKPOINT_CHUNK - 1) // CHECKPOINT_CHUNK
@@ -83,6 +94,8 @@ def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state,
 @torch.library.register_fake("fastdl::selective_scan_bwd")
 def _selective_scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
                              delta_softplus):
+    _check_devices("selective_scan_bwd", "u", u=u, dout=dout, dlast_state=dlast_state, delta=delta, A=A, B=B, C=C,
+                   D=D, z=z, delta_bias=delta_bias, initial_state=initial_state, checkpoints=checkpoints)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     wdtype = _param_dtype(u)
@@ -153,6 +166,7 @@ def selective_state_update(
 
 @torch.library.register_fake("fastdl::selective_state_update")
 def _selective_state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
+    _check_devices("selective_state_update", "x", x=x, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
     return x.new_empty(x.shape)
 
 
