@@ -84,6 +84,39 @@ TORCH_LIBRARY(fastdl, m) {
       "float softmax_scale, bool causal, int window_left, int window_right, float softcap, Tensor? alibi_slopes) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
   // ---- end flash attention ------------------------------------------------------------------------
+
+  // ---- selective scan and causal conv1d (csrc/selective_scan/, csrc/causal_conv1d/) ----------------
+  // mamba-ssm's selective_scan_fn and causal-conv1d's contracts; Python entry points, fake kernels and
+  // autograd in fastdl/ops/selective_scan.py and fastdl/ops/causal_conv1d.py. u, delta, z: (batch, dim,
+  // L); A (dim, dstate); B, C: (dim, dstate), (batch, dstate, L) or (batch, n_groups, dstate, L).
+
+  // Selective scan forward. Returns out (batch, dim, L), last_state (batch, dim, dstate) and the state at
+  // the start of every 64-step chunk (batch, dim, ceil(L / 64), dstate), which the backward recomputes from.
+  m.def(
+      "selective_scan_fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, "
+      "Tensor? delta_bias, Tensor? initial_state, bool delta_softplus) -> (Tensor, Tensor, Tensor)");
+  // Selective scan backward: gradients of u, delta, A, B, C, D, z, delta_bias, initial_state. dD,
+  // ddelta_bias and dinitial_state are always computed; dz is empty (shape (0,)) without z.
+  m.def(
+      "selective_scan_bwd(Tensor dout, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, "
+      "Tensor C, Tensor? D, Tensor? z, Tensor? delta_bias, Tensor? initial_state, Tensor checkpoints, "
+      "bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One decoding step of the scan, in place on state (batch, dim, dstate); x, dt, z (batch, dim); B, C
+  // (batch, dstate) or (batch, n_groups, dstate). Returns out (batch, dim).
+  m.def(
+      "selective_state_update(Tensor(a!) state, Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, "
+      "Tensor? z, Tensor? dt_bias, bool dt_softplus) -> Tensor");
+  // Depthwise causal conv1d of x (batch, dim, L) with weight (dim, width), width in [2, 8]; optional silu.
+  m.def("causal_conv1d_fwd(Tensor x, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  // Its backward: (dx, dweight, dbias); dbias is always computed.
+  m.def(
+      "causal_conv1d_bwd(Tensor x, Tensor weight, Tensor? bias, Tensor dout, bool silu) -> "
+      "(Tensor, Tensor, Tensor)");
+  // Decoding: convolves x (batch, dim, seqlen) after conv_state (batch, dim, state_len >= width - 1), and
+  // shifts x into conv_state in place. Returns out (batch, dim, seqlen).
+  m.def(
+      "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
+  // ---- end selective scan and causal conv1d ---------------------------------------------------------
 }
 
 namespace fastdl::optim {

@@ -9,13 +9,17 @@ from fastdl._version import __version__
 _C = _load_extension()
 
 from fastdl import data, models, nn, ops, optim, train  # noqa: E402
-from fastdl.ops.flash_attn import (  # noqa: E402
+from fastdl.ops import (  # noqa: E402
+    causal_conv1d_fn,
+    causal_conv1d_update,
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
     flash_attn_varlen_func,
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
+    selective_scan_fn,
+    selective_state_update,
 )
 
 
@@ -28,16 +32,20 @@ __all__ = [
     "ExtensionError",
     "__version__",
     "build_info",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+    "data",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
-    "data",
     "models",
     "nn",
     "ops",
     "optim",
+    "selective_scan_fn",
+    "selective_state_update",
     "train",
 ]

@@ -2,3 +2,42 @@
 its fake (meta) implementation for torch.compile, and a pure-PyTorch reference beside it."""
 
 from fastdl.ops import flash_attn, fused_optim  # noqa: F401
+from fastdl.ops.causal_conv1d import (
+    causal_conv1d_fn,
+    causal_conv1d_ref,
+    causal_conv1d_update,
+    causal_conv1d_update_ref,
+)
+from fastdl.ops.flash_attn import (
+    attention_ref,
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
+from fastdl.ops.selective_scan import (
+    selective_scan_fn,
+    selective_scan_ref,
+    selective_state_update,
+    selective_state_update_ref,
+)
+
+__all__ = [
+    "attention_ref",
+    "causal_conv1d_fn",
+    "causal_conv1d_ref",
+    "causal_conv1d_update",
+    "causal_conv1d_update_ref",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
+    "selective_scan_fn",
+    "selective_scan_ref",
+    "selective_state_update",
+    "selective_state_update_ref",
+]
