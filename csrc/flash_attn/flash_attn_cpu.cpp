@@ -231,9 +231,10 @@ inline T score_row_max(T* s, int64_t c0, int64_t c1, T softcap, T neg_slope, T d
     const int64_t n = std::min(W, c1 - j);
     V x = score<T, kSoftcap, kAlibi>(load_n(s + j, n), softcap, neg_slope, dist0, j);
     if constexpr (kSoftcap || kAlibi) store_n(x, s + j, n);
-    vmax = at::vec::maximum(vmax, n == W ? x : V::set(neg_inf, x, n));
+    // clamp_min is a bare vmaxps; at::vec::maximum adds a NaN check that cost ~15% of this loop.
+    vmax = at::vec::clamp_min(vmax, n == W ? x : V::set(neg_inf, x, n));
   }
-  return at::vec::vec_reduce_all<T>([](V a, V b) { return at::vec::maximum(a, b); }, vmax);
+  return at::vec::vec_reduce_all<T>([](V a, V b) { return at::vec::clamp_min(a, b); }, vmax);
 }
 
 // s[c0, c1) <- exp(s - sub); returns their sum.
