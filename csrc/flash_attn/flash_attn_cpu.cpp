@@ -45,15 +45,15 @@ using cpu::Vec;
 using cpu_gemm::kPanel;
 using cpu_gemm::PackedB;
 
-// Tile sizes. Forward: a 128 x 256 fp32 score tile is 128 KB and with the Q tile and the output
-// accumulator (32 KB each at d = 64) stays in a 1 MB L2; 256 keys amortise the per-tile row work,
-// 128 queries keep the causal diagonal's wasted half-tiles small.
-constexpr int64_t kFwdBlockM = 128;
-constexpr int64_t kFwdBlockN = 256;
-// Backward: three score-sized tiles (P, dS, 1 - tanh^2) plus dK/dV accumulators and the packed K^T,
-// V^T, K of the key block; 128 x 128 keeps them in L2.
+// Tile sizes, from a sweep on one core (benchmarks/RESULTS.md; differences of <= 6%, near the noise).
+// Forward: 24 query rows (4 strips of the GEMM micro-kernel) x 512 keys; the 48 KB score tile is about
+// an L1d, the output rescale is amortised over 512 keys, and the causal diagonal wastes little.
+constexpr int64_t kFwdBlockM = 24;
+constexpr int64_t kFwdBlockN = 512;
+// Backward: 128 query rows x 64 keys (one panel): P, dS and 1 - tanh^2 tiles of 32 KB each, and a
+// causal diagonal of 64 keys.
 constexpr int64_t kBwdBlockM = 128;
-constexpr int64_t kBwdBlockN = 128;
+constexpr int64_t kBwdBlockN = 64;
 // Enough tasks per thread that the dynamic schedule balances; more splits cost one dQ buffer each.
 constexpr int64_t kTasksPerThread = 2;
 constexpr int64_t kMaxSplits = 8;
