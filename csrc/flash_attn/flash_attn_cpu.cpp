@@ -1,10 +1,10 @@
 // CPU flash attention (FlashAttention-2's algorithm, Dao 2023), forward and backward.
 //
-// Forward: for each (sequence, head, block of kBlockM queries), walk the keys in blocks of kBlockN:
-// S = Q K^T with BLAS, then, per row and in SIMD registers, softcap / ALiBi / window mask, the running
-// max, P = exp(S - max) with its row sum, and a rescale of the output accumulator when the max grows;
-// O += P V with BLAS. Only the keys a block of queries can see are visited (causal attention does half
-// the work), and memory beyond the inputs is O(seqlen): per-thread tiles plus softmax_lse.
+// Forward: for each (sequence, head, block of kFwdBlockM queries), walk the keys in blocks of kFwdBlockN:
+// S = Q K^T, then, per row and in SIMD registers, softcap / ALiBi / window mask, the running max,
+// P = exp(S - max) with its row sum, and a rescale of the output accumulator when the max grows;
+// O += P V. Only the keys a block of queries can see are visited (causal attention does half the work).
+// K^T and V are packed once per call as GEMM operands (flash_attn_cpu_gemm.h), in the math type.
 //
 // Backward: one task per (sequence, kv-head, split of the key blocks). For each key block it recomputes
 // P = exp(S - lse) tile by tile from the saved logsumexp, never storing a seqlen_q x seqlen_k matrix:
@@ -14,83 +14,87 @@
 // there is one split and dq is in the math type), summed in split order at the end. So the result does
 // not depend on scheduling: it is bitwise reproducible for a given thread count.
 //
+// Memory beyond inputs and outputs is O(seqlen): packed copies of K, V (forward) and Q, dO (backward),
+// softmax_lse, per-thread tiles, and the dQ split buffers.
+//
 // Work is handed out from an atomic counter, heaviest first (causal query blocks near the end see the
 // most keys), so that uneven blocks balance across threads.
 //
-// bf16/fp16 tiles are converted to fp32 as they are loaded and all math is fp32; fp64 runs in fp64
-// (for gradcheck). The GEMM tiles run on the BLAS torch ships (MKL's sgemm_/dgemm_); softmax, masks,
-// scaling, softcap, ALiBi, rescaling and epilogues are written here with at::vec.
+// bf16/fp16 are converted to fp32 as they are packed or loaded and all math is fp32; fp64 runs in fp64
+// (for gradcheck). Everything, GEMMs included, is written here with at::vec.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "common/cpu_utils.h"
 #include "common/dispatch.h"
+#include "flash_attn/flash_attn_cpu_gemm.h"
 #include "flash_attn/flash_attn_ops.h"
 
 namespace fastdl::flash_attn {
 namespace {
 
 using cpu::Vec;
+using cpu_gemm::kPanel;
+using cpu_gemm::PackedB;
 
-// Tile sizes. Forward: a 128 x 256 fp32 score tile is 128 KB, and with a Q tile (32 KB at d=64) and
-// K/V tiles (2 x 64 KB) stays inside a 1 MB L2; 128 rows amortise BLAS call overhead while keeping
-// the causal diagonal's wasted half-tiles small.
-constexpr int64_t kFwdBlockM = 128;
-constexpr int64_t kFwdBlockN = 256;
-// Backward: two score-sized tiles (P and dS) plus dK/dV accumulators; 128 x 128 keeps them in L2.
+// Tile sizes, from a sweep on one core (benchmarks/RESULTS.md; differences of <= 6%, near the noise).
+// Forward: 24 query rows (4 strips of the GEMM micro-kernel) x 512 keys; the 48 KB score tile is about
+// an L1d, the output rescale is amortised over 512 keys, and the causal diagonal wastes little.
+constexpr int64_t kFwdBlockM = 24;
+constexpr int64_t kFwdBlockN = 512;
+// Backward: 128 query rows x 64 keys (one panel): P, dS and 1 - tanh^2 tiles of 32 KB each, and a
+// causal diagonal of 64 keys.
 constexpr int64_t kBwdBlockM = 128;
-constexpr int64_t kBwdBlockN = 128;
+constexpr int64_t kBwdBlockN = 64;
 // Enough tasks per thread that the dynamic schedule balances; more splits cost one dQ buffer each.
 constexpr int64_t kTasksPerThread = 2;
 constexpr int64_t kMaxSplits = 8;
 
-// ---- small helpers ------------------------------------------------------------------------------
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// The BLAS torch links (MKL in x86 wheels, which export its Fortran symbols). cpublas::gemm's float and
-// double overloads are not exported from libtorch_cpu, so the GEMMs call BLAS directly. The symbols are
-// weak: on a torch without them the extension still loads and falls back to a loop.
-extern "C" {
-void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
-            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
-            const int* ldc) __attribute__((weak));
-void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
-            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
-            const int* ldc) __attribute__((weak));
-}
+// Scratch memory for one call, from a cache per calling thread that only grows: writing 16 MB of fresh
+// pages (what a 4 x 1024 x 8 x 64 forward packs) costs 6.7 ms on the benchmark machine against 0.5 ms
+// for pages already mapped. Buffers above kMaxCachedBytes are freed after the call instead. One slot
+// per concurrent use within a call.
+enum Slot { kSlotPackA, kSlotPackB, kSlotRows, kSlotTiles, kSlotDq, kNumSlots };
+constexpr size_t kMaxCachedBytes = size_t(256) << 20;
 
-// Row-major C[M x N] = alpha * op(A) op(B) + beta * C through column-major BLAS: a row-major matrix is
-// its transpose in column-major order, so C^T = op(B)^T op(A)^T.
 template <typename T>
-inline void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda,
-                 const T* B, int64_t ldb, T beta, T* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  // BLAS wants ld >= the row length even where there is one row (whose stride may be anything).
-  if ((trans_a ? K : M) == 1) lda = trans_a ? M : K;
-  if ((trans_b ? N : K) == 1) ldb = trans_b ? K : N;
-  if (M == 1) ldc = N;
-  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
-  const int m = int(N), n = int(M), k = int(K), la = int(ldb), lb = int(lda), lc = int(ldc);
-  if constexpr (std::is_same_v<T, float>) {
-    if (sgemm_) return sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-  } else {
-    if (dgemm_) return dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-  }
-  // No BLAS symbols: a plain loop, correct but slow.
-  for (int64_t i = 0; i < M; ++i) {
-    for (int64_t j = 0; j < N; ++j) {
-      T acc = T(0);
-      for (int64_t l = 0; l < K; ++l)
-        acc += (trans_a ? A[l * lda + i] : A[i * lda + l]) * (trans_b ? B[j * ldb + l] : B[l * ldb + j]);
-      C[i * ldc + j] = alpha * acc + (beta == T(0) ? T(0) : beta * C[i * ldc + j]);
+class Scratch {
+ public:
+  Scratch(Slot slot, int64_t n) {
+    const size_t bytes = size_t(std::max<int64_t>(n, 1)) * sizeof(T) + 64;
+    thread_local std::unique_ptr<char[]> cache[kNumSlots];
+    thread_local size_t cached[kNumSlots] = {};
+    char* raw;
+    if (bytes > kMaxCachedBytes) {
+      owned_.reset(new char[bytes]);
+      raw = owned_.get();
+    } else {
+      if (cached[slot] < bytes) {
+        cache[slot].reset(new char[bytes]);
+        cached[slot] = bytes;
+      }
+      raw = cache[slot].get();
     }
+    ptr_ = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + 63) & ~uintptr_t(63));  // 64-byte lines
   }
-}
+  T* get() const { return ptr_; }
+
+ private:
+  std::unique_ptr<char[]> owned_;
+  T* ptr_;
+};
+
+// ---- small helpers ------------------------------------------------------------------------------
 
 // exp for the softmax: fp32 uses at::vec's 20-ulp polynomial (what torch's own CPU flash attention
 // uses; about 1.2e-6 relative), fp64 the accurate Sleef exp.
@@ -228,9 +232,10 @@ inline T score_row_max(T* s, int64_t c0, int64_t c1, T softcap, T neg_slope, T d
     const int64_t n = std::min(W, c1 - j);
     V x = score<T, kSoftcap, kAlibi>(load_n(s + j, n), softcap, neg_slope, dist0, j);
     if constexpr (kSoftcap || kAlibi) store_n(x, s + j, n);
-    vmax = at::vec::maximum(vmax, n == W ? x : V::set(neg_inf, x, n));
+    // clamp_min is a bare vmaxps; at::vec::maximum adds a NaN check that cost ~15% of this loop.
+    vmax = at::vec::clamp_min(vmax, n == W ? x : V::set(neg_inf, x, n));
   }
-  return at::vec::vec_reduce_all<T>([](V a, V b) { return at::vec::maximum(a, b); }, vmax);
+  return at::vec::vec_reduce_all<T>([](V a, V b) { return at::vec::clamp_min(a, b); }, vmax);
 }
 
 // s[c0, c1) <- exp(s - sub); returns their sum.
@@ -267,38 +272,40 @@ inline void prob_row(T* s, T* dtanh, int64_t c0, int64_t c1, T softcap, T neg_sl
   }
 }
 
-// Per-worker scratch of one kernel, carved from one allocation.
-template <typename T>
-struct Scratch {
-  std::vector<T> data;
-  int64_t per_worker = 0;
-  T* worker(int64_t w) { return data.data() + w * per_worker; }
-};
-
 // ---- forward ------------------------------------------------------------------------------------
 
+// K^T and V of every (sequence, kv-head), packed as the B operands of S = Q K^T and O += P V. Keys are
+// padded per sequence to whole panels: sequence b's keys start at padded row kpad0[b].
+//   kt [nheads_k][kpad / kPanel panels][headdim][kPanel]
+//   vp [nheads_k][ceil(headdim / kPanel) panels][kpad][kPanel]
+template <typename acc_t>
+struct FwdPacks {
+  const acc_t* kt;
+  const acc_t* vp;
+  const int64_t* kpad0;
+  int64_t kpad, d_panels;
+};
+
 template <typename scalar_t, bool kSoftcap, bool kAlibi>
-void fwd_block(const FwdParams& p, int64_t b, int64_t h, int64_t m0, const Seq& sq,
-               cpu::opmath_t<scalar_t>* buf) {
+void fwd_block(const FwdParams& p, const FwdPacks<cpu::opmath_t<scalar_t>>& packs, int64_t b, int64_t h, int64_t m0,
+               const Seq& seq, cpu::opmath_t<scalar_t>* buf) {
   using acc_t = cpu::opmath_t<scalar_t>;
   using V = Vec<acc_t>;
-  constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN;
+  constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN, P = kPanel<acc_t>;
   const int64_t d = p.headdim, hk = h / (p.nheads / p.nheads_k);
-  const int64_t mb = std::min(BM, sq.sq - m0);
+  const int64_t mb = std::min(BM, seq.sq - m0);
   acc_t* s_tile = buf;                 // [BM, BN]
   acc_t* o_acc = s_tile + BM * BN;     // [BM, d]
   acc_t* row_max = o_acc + BM * d;     // [BM]
   acc_t* row_sum = row_max + BM;       // [BM]
-  acc_t* q_buf = row_sum + BM;         // [BM, d]   converted tiles (bf16 / fp16 only)
-  acc_t* k_buf = q_buf + BM * d;       // [BN, d]
-  acc_t* v_buf = k_buf + BN * d;       // [BN, d]
+  acc_t* q_buf = row_sum + BM;         // [BM, d]  converted Q (bf16 / fp16), then an output row
 
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   std::fill(row_max, row_max + mb, -inf);
   std::fill(row_sum, row_sum + mb, acc_t(0));
   std::fill(o_acc, o_acc + mb * d, acc_t(0));
 
-  const auto* q = row_ptr(static_cast<const scalar_t*>(p.q), p, b, sq, true, m0, h, p.q_batch_stride, p.q_row_stride,
+  const auto* q = row_ptr(static_cast<const scalar_t*>(p.q), p, b, seq, true, m0, h, p.q_batch_stride, p.q_row_stride,
                           p.q_head_stride);
   int64_t ldq;
   const acc_t* q_tile = load_tile(q, p.q_row_stride, mb, d, q_buf, ldq);
@@ -306,30 +313,27 @@ void fwd_block(const FwdParams& p, int64_t b, int64_t h, int64_t m0, const Seq& 
   const acc_t softcap = acc_t(p.softcap);
   const acc_t alpha = acc_t(kSoftcap ? p.softmax_scale / p.softcap : p.softmax_scale);
   const acc_t neg_slope = acc_t(-alibi_slope(p, b, h));
-  const int64_t n_begin = sq.lo(m0), n_end = sq.hi(m0 + mb - 1);
+  // Key tiles start on panel boundaries (the packs' granularity); keys left of the window are masked.
+  const int64_t n_begin = seq.lo(m0) / P * P, n_end = seq.hi(m0 + mb - 1);
+  const int64_t krow0 = packs.kpad0[b];
+  const PackedB<acc_t> v_packed{packs.vp + hk * packs.d_panels * packs.kpad * P, packs.kpad * P, krow0};
 
   for (int64_t n0 = n_begin; n0 < n_end; n0 += BN) {
     const int64_t nb = std::min(BN, n_end - n0);
-    const auto* k = row_ptr(static_cast<const scalar_t*>(p.k), p, b, sq, false, n0, hk, p.k_batch_stride,
-                            p.k_row_stride, p.k_head_stride);
-    const auto* v = row_ptr(static_cast<const scalar_t*>(p.v), p, b, sq, false, n0, hk, p.v_batch_stride,
-                            p.v_row_stride, p.v_head_stride);
-    int64_t ldk, ldv;
-    const acc_t* k_tile = load_tile(k, p.k_row_stride, nb, d, k_buf, ldk);
-    const acc_t* v_tile = load_tile(v, p.v_row_stride, nb, d, v_buf, ldv);
-
-    gemm<acc_t>(false, true, mb, nb, d, alpha, q_tile, ldq, k_tile, ldk, acc_t(0), s_tile, nb);  // S = Q K^T
+    const PackedB<acc_t> kt{packs.kt + (hk * packs.kpad + krow0 + n0) * d, d * P};
+    cpu_gemm::gemm<acc_t>(mb, nb, d, alpha, q_tile, ldq, 1, kt, false, s_tile, nb);  // S = Q K^T
 
     for (int64_t r = 0; r < mb; ++r) {
       const int64_t i = m0 + r;
       acc_t* s = s_tile + r * nb;
-      const int64_t c0 = std::max<int64_t>(sq.lo(i) - n0, 0), c1 = std::min<int64_t>(sq.hi(i) - n0, nb);
+      const int64_t c0 = std::max<int64_t>(seq.lo(i) - n0, 0), c1 = std::min<int64_t>(seq.hi(i) - n0, nb);
       if (c0 >= c1) {
         std::fill(s, s + nb, acc_t(0));
         continue;
       }
-      const acc_t dist0 = acc_t(i + sq.sk - sq.sq - n0);
-      const acc_t m_new = std::max(row_max[r], score_row_max<acc_t, kSoftcap, kAlibi>(s, c0, c1, softcap, neg_slope, dist0));
+      const acc_t dist0 = acc_t(i + seq.sk - seq.sq - n0);
+      const acc_t m_new =
+          std::max(row_max[r], score_row_max<acc_t, kSoftcap, kAlibi>(s, c0, c1, softcap, neg_slope, dist0));
       const acc_t l = exp_row_sum(s, c0, c1, m_new);
       std::fill(s, s + c0, acc_t(0));
       std::fill(s + c1, s + nb, acc_t(0));
@@ -344,7 +348,9 @@ void fwd_block(const FwdParams& p, int64_t b, int64_t h, int64_t m0, const Seq& 
         }
       }
     }
-    gemm<acc_t>(false, false, mb, d, nb, acc_t(1), s_tile, nb, v_tile, ldv, acc_t(1), o_acc, d);  // O += P V
+    PackedB<acc_t> v_tile = v_packed;
+    v_tile.row0 += n0;
+    cpu_gemm::gemm<acc_t>(mb, d, nb, acc_t(1), s_tile, nb, 1, v_tile, true, o_acc, d);  // O += P V
   }
 
   // Epilogue: O / rowsum, and lse = max + log(rowsum). A row that saw no key has rowsum 0: its output
@@ -352,10 +358,10 @@ void fwd_block(const FwdParams& p, int64_t b, int64_t h, int64_t m0, const Seq& 
   acc_t* lse = static_cast<acc_t*>(p.softmax_lse);
   for (int64_t r = 0; r < mb; ++r) {
     const bool empty = row_sum[r] == acc_t(0);
-    lse[lse_index(p, b, sq, h, m0 + r)] = empty ? inf : row_max[r] + std::log(row_sum[r]);
+    lse[lse_index(p, b, seq, h, m0 + r)] = empty ? inf : row_max[r] + std::log(row_sum[r]);
     row_sum[r] = empty ? acc_t(0) : acc_t(1) / row_sum[r];
   }
-  auto* out = row_ptr(static_cast<scalar_t*>(p.out), p, b, sq, true, m0, h, p.o_batch_stride, p.o_row_stride,
+  auto* out = row_ptr(static_cast<scalar_t*>(p.out), p, b, seq, true, m0, h, p.o_batch_stride, p.o_row_stride,
                       p.o_head_stride);
   store_rows(o_acc, d, mb, d, row_sum, out, p.o_row_stride, q_buf);
 }
@@ -363,20 +369,47 @@ void fwd_block(const FwdParams& p, int64_t b, int64_t h, int64_t m0, const Seq& 
 template <typename scalar_t>
 void fwd_cpu(const FwdParams& p) {
   using acc_t = cpu::opmath_t<scalar_t>;
-  constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN;
-  const int64_t d = p.headdim, bh = p.batch * p.nheads;
-  const int64_t nqb = (p.seqlen_q + BM - 1) / BM;
+  constexpr int64_t BM = kFwdBlockM, BN = kFwdBlockN, P = kPanel<acc_t>;
+  static_assert(BN % P == 0, "key tiles are whole panels");
+  const int64_t d = p.headdim, bh = p.batch * p.nheads, nheads_k = p.nheads_k;
   const int64_t workers = at::get_num_threads();
-  Scratch<acc_t> scratch;
-  scratch.per_worker = BM * BN + 2 * BM * d + 2 * BM + 2 * BN * d;
-  scratch.data.resize(workers * scratch.per_worker);
+
+  std::vector<int64_t> kpad0(p.batch + 1, 0);
+  for (int64_t b = 0; b < p.batch; ++b) kpad0[b + 1] = kpad0[b] + ceil_div(get_seq(p, b).sk, P) * P;
+  FwdPacks<acc_t> packs{nullptr, nullptr, kpad0.data(), kpad0[p.batch], ceil_div(d, P)};
+  Scratch<acc_t> kt(kSlotPackA, nheads_k * packs.kpad * d);
+  Scratch<acc_t> vp(kSlotPackB, nheads_k * packs.d_panels * packs.kpad * P);
+  packs.kt = kt.get();
+  packs.vp = vp.get();
+  // Pack in chunks of BN keys, so that few heads (MQA, batch 1) still spread over the threads.
+  const int64_t chunks = ceil_div(p.seqlen_k, BN);
+  at::parallel_for(0, p.batch * nheads_k * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (nheads_k * chunks), hk = item / chunks % nheads_k, n0 = item % chunks * BN;
+      const Seq s = get_seq(p, b);
+      if (n0 >= s.sk) continue;
+      const int64_t nb = std::min(BN, s.sk - n0);
+      const auto* k = row_ptr(static_cast<const scalar_t*>(p.k), p, b, s, false, n0, hk, p.k_batch_stride,
+                              p.k_row_stride, p.k_head_stride);
+      const auto* v = row_ptr(static_cast<const scalar_t*>(p.v), p, b, s, false, n0, hk, p.v_batch_stride,
+                              p.v_row_stride, p.v_head_stride);
+      cpu_gemm::pack_b(d, nb, k, 1, p.k_row_stride, kt.get() + (hk * packs.kpad + kpad0[b] + n0) * d, d * P);
+      cpu_gemm::pack_b(nb, d, v, p.v_row_stride, 1, vp.get() + hk * packs.d_panels * packs.kpad * P,
+                       packs.kpad * P, kpad0[b] + n0);
+    }
+  });
+
+  const int64_t per_worker = BM * BN + 2 * BM * d + 2 * BM;
+  Scratch<acc_t> tiles(kSlotTiles, workers * per_worker);
+  const int64_t nqb = ceil_div(p.seqlen_q, BM);
   FASTDL_BOOL_SWITCH(p.softcap > 0, kSoftcap, [&] {
     FASTDL_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
       // Items run heaviest first: the last query blocks see the most keys under a causal mask.
       parallel_items(bh * nqb, workers, [&](int64_t item, int64_t w) {
         const int64_t qb = nqb - 1 - item / bh, b = item % bh / p.nheads, h = item % p.nheads;
         const Seq s = get_seq(p, b);
-        if (qb * BM < s.sq) fwd_block<scalar_t, kSoftcap, kAlibi>(p, b, h, qb * BM, s, scratch.worker(w));
+        if (qb * BM < s.sq)
+          fwd_block<scalar_t, kSoftcap, kAlibi>(p, packs, b, h, qb * BM, s, tiles.get() + w * per_worker);
       });
     });
   });
@@ -391,69 +424,84 @@ struct DqTarget {
   int64_t batch_stride, row_stride, head_stride;
 };
 
+// Q and dO of every query row, packed as the B operands of dK += dS^T Q and dV += P^T dO, and
+// D = rowsum(dO * O) - dlse. Rows are global query rows (b * seqlen_q + i, or the varlen row).
+//   qp, dop [nheads][ceil(headdim / kPanel) panels][total_q][kPanel];  delta [nheads][total_q]
+template <typename acc_t>
+struct BwdPacks {
+  const acc_t* qp;
+  const acc_t* dop;
+  const acc_t* delta;
+  int64_t total_q, d_panels;
+};
+
 template <typename scalar_t, bool kSoftcap, bool kAlibi>
-void bwd_key_block(const BwdParams& p, int64_t b, int64_t hk, int64_t n0, const Seq& sq, const DqTarget<cpu::opmath_t<scalar_t>>& dqt,
-                   const cpu::opmath_t<scalar_t>* delta, int64_t delta_row0, int64_t delta_head_stride,
+void bwd_key_block(const BwdParams& p, const BwdPacks<cpu::opmath_t<scalar_t>>& packs, int64_t b, int64_t hk,
+                   int64_t n0, const Seq& seq, int64_t qrow0, const DqTarget<cpu::opmath_t<scalar_t>>& dqt,
                    cpu::opmath_t<scalar_t>* buf) {
   using acc_t = cpu::opmath_t<scalar_t>;
   using V = Vec<acc_t>;
-  constexpr int64_t BM = kBwdBlockM, BN = kBwdBlockN;
-  const int64_t d = p.headdim, group = p.nheads / p.nheads_k;
-  const int64_t nb = std::min(BN, sq.sk - n0);
-  acc_t* p_tile = buf;                   // [BM, BN]  P
-  acc_t* ds_tile = p_tile + BM * BN;     // [BM, BN]  dP, then dS
-  acc_t* dt_tile = ds_tile + BM * BN;    // [BM, BN]  1 - tanh^2 (softcap)
-  acc_t* dk_acc = dt_tile + BM * BN;     // [BN, d]
-  acc_t* dv_acc = dk_acc + BN * d;       // [BN, d]
-  acc_t* k_buf = dv_acc + BN * d;        // [BN, d]   converted tiles (bf16 / fp16 only)
-  acc_t* v_buf = k_buf + BN * d;         // [BN, d]
-  acc_t* q_buf = v_buf + BN * d;         // [BM, d]
-  acc_t* do_buf = q_buf + BM * d;        // [BM, d]
+  constexpr int64_t BM = kBwdBlockM, BN = kBwdBlockN, P = kPanel<acc_t>;
+  const int64_t d = p.headdim, group = p.nheads / p.nheads_k, d_panels = packs.d_panels;
+  const int64_t nb = std::min(BN, seq.sk - n0);
+  acc_t* p_tile = buf;                          // [BM, BN]  P
+  acc_t* ds_tile = p_tile + BM * BN;            // [BM, BN]  dP, then dS
+  acc_t* dt_tile = ds_tile + BM * BN;           // [BM, BN]  1 - tanh^2 (softcap)
+  acc_t* dk_acc = dt_tile + BM * BN;            // [BN, d]
+  acc_t* dv_acc = dk_acc + BN * d;              // [BN, d]
+  acc_t* kt = dv_acc + BN * d;                  // K^T packed: [BN / P][d][P]
+  acc_t* vt = kt + BN * d;                      // V^T packed: [BN / P][d][P]
+  acc_t* kp = vt + BN * d;                      // K packed:   [d_panels][BN][P]
+  acc_t* q_buf = kp + d_panels * BN * P;        // [BM, d]  converted Q / dO tiles (bf16 / fp16)
+  acc_t* do_buf = q_buf + BM * d;               // [BM, d]
 
-  std::fill(dk_acc, dk_acc + 2 * BN * d, acc_t(0));
-  const auto* k = row_ptr(static_cast<const scalar_t*>(p.k), p, b, sq, false, n0, hk, p.k_batch_stride, p.k_row_stride,
+  const auto* k = row_ptr(static_cast<const scalar_t*>(p.k), p, b, seq, false, n0, hk, p.k_batch_stride, p.k_row_stride,
                           p.k_head_stride);
-  const auto* v = row_ptr(static_cast<const scalar_t*>(p.v), p, b, sq, false, n0, hk, p.v_batch_stride, p.v_row_stride,
+  const auto* v = row_ptr(static_cast<const scalar_t*>(p.v), p, b, seq, false, n0, hk, p.v_batch_stride, p.v_row_stride,
                           p.v_head_stride);
-  int64_t ldk, ldv;
-  const acc_t* k_tile = load_tile(k, p.k_row_stride, nb, d, k_buf, ldk);
-  const acc_t* v_tile = load_tile(v, p.v_row_stride, nb, d, v_buf, ldv);
+  cpu_gemm::pack_b(d, nb, k, 1, p.k_row_stride, kt, d * P);
+  cpu_gemm::pack_b(d, nb, v, 1, p.v_row_stride, vt, d * P);
+  cpu_gemm::pack_b(nb, d, k, p.k_row_stride, 1, kp, BN * P);
+  std::fill(dk_acc, dk_acc + 2 * BN * d, acc_t(0));
 
   const acc_t scale = acc_t(p.softmax_scale);
   const acc_t softcap = acc_t(p.softcap);
   const acc_t alpha = acc_t(kSoftcap ? p.softmax_scale / p.softcap : p.softmax_scale);
   const acc_t* lse = static_cast<const acc_t*>(p.softmax_lse);
-  const int64_t m_begin = sq.first_query(n0), m_end = sq.end_query(n0 + nb);
+  const int64_t m_begin = seq.first_query(n0), m_end = seq.end_query(n0 + nb);
 
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     const acc_t neg_slope = acc_t(-alibi_slope(p, b, h));
+    const int64_t pack_h = h * d_panels * packs.total_q * P;
     for (int64_t m0 = m_begin; m0 < m_end; m0 += BM) {
       const int64_t mb = std::min(BM, m_end - m0);
-      const auto* q = row_ptr(static_cast<const scalar_t*>(p.q), p, b, sq, true, m0, h, p.q_batch_stride,
+      const auto* q = row_ptr(static_cast<const scalar_t*>(p.q), p, b, seq, true, m0, h, p.q_batch_stride,
                               p.q_row_stride, p.q_head_stride);
-      const auto* dout = row_ptr(static_cast<const scalar_t*>(p.dout), p, b, sq, true, m0, h, p.do_batch_stride,
+      const auto* dout = row_ptr(static_cast<const scalar_t*>(p.dout), p, b, seq, true, m0, h, p.do_batch_stride,
                                  p.do_row_stride, p.do_head_stride);
       int64_t ldq, lddo;
       const acc_t* q_tile = load_tile(q, p.q_row_stride, mb, d, q_buf, ldq);
       const acc_t* do_tile = load_tile(dout, p.do_row_stride, mb, d, do_buf, lddo);
+      const PackedB<acc_t> q_packed{packs.qp + pack_h, packs.total_q * P, qrow0 + m0};
+      const PackedB<acc_t> do_packed{packs.dop + pack_h, packs.total_q * P, qrow0 + m0};
 
-      gemm<acc_t>(false, true, mb, nb, d, alpha, q_tile, ldq, k_tile, ldk, acc_t(0), p_tile, nb);  // S = Q K^T
+      cpu_gemm::gemm<acc_t>(mb, nb, d, alpha, q_tile, ldq, 1, {kt, d * P}, false, p_tile, nb);  // S = Q K^T
       for (int64_t r = 0; r < mb; ++r) {
         const int64_t i = m0 + r;
         acc_t* s = p_tile + r * nb;
-        const int64_t c0 = std::max<int64_t>(sq.lo(i) - n0, 0), c1 = std::min<int64_t>(sq.hi(i) - n0, nb);
+        const int64_t c0 = std::max<int64_t>(seq.lo(i) - n0, 0), c1 = std::min<int64_t>(seq.hi(i) - n0, nb);
         if (c0 >= c1) {
           std::fill(s, s + nb, acc_t(0));
           continue;
         }
         prob_row<acc_t, kSoftcap, kAlibi>(s, dt_tile + r * nb, c0, c1, softcap, neg_slope,
-                                          acc_t(i + sq.sk - sq.sq - n0), lse[lse_index(p, b, sq, h, i)]);
+                                          acc_t(i + seq.sk - seq.sq - n0), lse[lse_index(p, b, seq, h, i)]);
         std::fill(s, s + c0, acc_t(0));
         std::fill(s + c1, s + nb, acc_t(0));
       }
-      gemm<acc_t>(true, false, nb, d, mb, acc_t(1), p_tile, nb, do_tile, lddo, acc_t(1), dv_acc, d);  // dV += P^T dO
-      gemm<acc_t>(false, true, mb, nb, d, acc_t(1), do_tile, lddo, v_tile, ldv, acc_t(0), ds_tile, nb);  // dP = dO V^T
-      const acc_t* delta_h = delta + h * delta_head_stride + delta_row0 + m0;
+      cpu_gemm::gemm<acc_t>(nb, d, mb, acc_t(1), p_tile, 1, nb, do_packed, true, dv_acc, d);  // dV += P^T dO
+      cpu_gemm::gemm<acc_t>(mb, nb, d, acc_t(1), do_tile, lddo, 1, {vt, d * P}, false, ds_tile, nb);  // dP = dO V^T
+      const acc_t* delta_h = packs.delta + h * packs.total_q + qrow0 + m0;
       for (int64_t r = 0; r < mb; ++r) {  // dS = P * (dP - D) [* (1 - tanh^2)]
         const acc_t* pr = p_tile + r * nb;
         const acc_t* dtr = dt_tile + r * nb;
@@ -467,15 +515,15 @@ void bwd_key_block(const BwdParams& p, int64_t b, int64_t hk, int64_t n0, const 
           store_n(ds, dsr + j, n);
         }
       }
-      gemm<acc_t>(true, false, nb, d, mb, scale, ds_tile, nb, q_tile, ldq, acc_t(1), dk_acc, d);  // dK += dS^T Q
-      acc_t* dq = dqt.base + (p.cu_seqlens_q ? 0 : b * dqt.batch_stride) + (sq.q_row0 + m0) * dqt.row_stride +
+      cpu_gemm::gemm<acc_t>(nb, d, mb, scale, ds_tile, 1, nb, q_packed, true, dk_acc, d);  // dK += dS^T Q
+      acc_t* dq = dqt.base + (p.cu_seqlens_q ? 0 : b * dqt.batch_stride) + (seq.q_row0 + m0) * dqt.row_stride +
                   h * dqt.head_stride;
-      gemm<acc_t>(false, false, mb, d, nb, scale, ds_tile, nb, k_tile, ldk, acc_t(1), dq, dqt.row_stride);  // dQ += dS K
+      cpu_gemm::gemm<acc_t>(mb, d, nb, scale, ds_tile, nb, 1, {kp, BN * P}, true, dq, dqt.row_stride);  // dQ += dS K
     }
   }
-  auto* dk = row_ptr(static_cast<scalar_t*>(p.dk), p, b, sq, false, n0, hk, p.dk_batch_stride, p.dk_row_stride,
+  auto* dk = row_ptr(static_cast<scalar_t*>(p.dk), p, b, seq, false, n0, hk, p.dk_batch_stride, p.dk_row_stride,
                      p.dk_head_stride);
-  auto* dv = row_ptr(static_cast<scalar_t*>(p.dv), p, b, sq, false, n0, hk, p.dv_batch_stride, p.dv_row_stride,
+  auto* dv = row_ptr(static_cast<scalar_t*>(p.dv), p, b, seq, false, n0, hk, p.dv_batch_stride, p.dv_row_stride,
                      p.dv_head_stride);
   store_rows<acc_t, scalar_t>(dk_acc, d, nb, d, nullptr, dk, p.dk_row_stride, q_buf);
   store_rows<acc_t, scalar_t>(dv_acc, d, nb, d, nullptr, dv, p.dv_row_stride, q_buf);
@@ -485,27 +533,39 @@ template <typename scalar_t>
 void bwd_cpu(const BwdParams& p) {
   using acc_t = cpu::opmath_t<scalar_t>;
   using V = Vec<acc_t>;
-  constexpr int64_t BM = kBwdBlockM, BN = kBwdBlockN;
+  constexpr int64_t BM = kBwdBlockM, BN = kBwdBlockN, P = kPanel<acc_t>;
+  static_assert(BN % P == 0, "key blocks are whole panels");
   const int64_t d = p.headdim, H = p.nheads;
   const int64_t workers = at::get_num_threads();
   const int64_t total_q = p.cu_seqlens_q ? p.cu_seqlens_q[p.batch] : p.batch * p.seqlen_q;
-  auto delta_row0 = [&](int64_t b, const Seq& s) { return p.cu_seqlens_q ? s.q_row0 : b * p.seqlen_q; };
+  auto qrow0 = [&](int64_t b, const Seq& s) { return p.cu_seqlens_q ? s.q_row0 : b * p.seqlen_q; };
 
-  // D = rowsum(dO * O) - dlse, [heads, total_q]. (A gradient reaching lse adds dlse * P to dS.)
-  std::vector<acc_t> delta(H * total_q);
+  BwdPacks<acc_t> packs{nullptr, nullptr, nullptr, total_q, ceil_div(d, P)};
+  Scratch<acc_t> qp(kSlotPackA, H * packs.d_panels * total_q * P);
+  Scratch<acc_t> dop(kSlotPackB, H * packs.d_panels * total_q * P);
+  Scratch<acc_t> delta(kSlotRows, H * total_q);
+  packs.qp = qp.get();
+  packs.dop = dop.get();
+  packs.delta = delta.get();
+  // Pack Q and dO; D = rowsum(dO * O) - dlse (a gradient reaching lse adds dlse * P to dS).
   at::parallel_for(0, p.batch * H, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row_o(d), row_do(d);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
       const Seq s = get_seq(p, b);
+      const int64_t pack_h = h * packs.d_panels * total_q * P;
+      const auto* q = row_ptr(static_cast<const scalar_t*>(p.q), p, b, s, true, 0, h, p.q_batch_stride,
+                              p.q_row_stride, p.q_head_stride);
+      const auto* g = row_ptr(static_cast<const scalar_t*>(p.dout), p, b, s, true, 0, h, p.do_batch_stride,
+                              p.do_row_stride, p.do_head_stride);
+      const auto* o = row_ptr(static_cast<const scalar_t*>(p.out), p, b, s, true, 0, h, p.o_batch_stride,
+                              p.o_row_stride, p.o_head_stride);
+      cpu_gemm::pack_b(s.sq, d, q, p.q_row_stride, 1, qp.get() + pack_h, total_q * P, qrow0(b, s));
+      cpu_gemm::pack_b(s.sq, d, g, p.do_row_stride, 1, dop.get() + pack_h, total_q * P, qrow0(b, s));
       for (int64_t i = 0; i < s.sq; ++i) {
-        const auto* o = row_ptr(static_cast<const scalar_t*>(p.out), p, b, s, true, i, h, p.o_batch_stride,
-                                p.o_row_stride, p.o_head_stride);
-        const auto* g = row_ptr(static_cast<const scalar_t*>(p.dout), p, b, s, true, i, h, p.do_batch_stride,
-                                p.do_row_stride, p.do_head_stride);
         int64_t unused;
-        const acc_t* ov = load_tile(o, 0, 1, d, row_o.data(), unused);
-        const acc_t* gv = load_tile(g, 0, 1, d, row_do.data(), unused);
+        const acc_t* ov = load_tile(o + i * p.o_row_stride, 0, 1, d, row_o.data(), unused);
+        const acc_t* gv = load_tile(g + i * p.do_row_stride, 0, 1, d, row_do.data(), unused);
         V acc(acc_t(0));
         for (int64_t j = 0; j < d; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), d - j);
@@ -513,49 +573,53 @@ void bwd_cpu(const BwdParams& p) {
         }
         acc_t dsum = at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc);
         if (p.dsoftmax_lse) dsum -= static_cast<const acc_t*>(p.dsoftmax_lse)[lse_index(p, b, s, h, i)];
-        delta[h * total_q + delta_row0(b, s) + i] = dsum;
+        delta.get()[h * total_q + qrow0(b, s) + i] = dsum;
       }
     }
   });
 
   // Split the key blocks of each (sequence, kv-head) when there are too few of those to keep every
   // thread busy; split s takes key blocks s, s + nsplit, ... (interleaved, so causal work balances).
-  const int64_t nkb = (p.seqlen_k + BN - 1) / BN;
+  const int64_t nkb = ceil_div(p.seqlen_k, BN);
   const int64_t pairs = p.batch * p.nheads_k;
-  const int64_t nsplit = std::clamp<int64_t>((kTasksPerThread * workers + pairs - 1) / std::max<int64_t>(pairs, 1),
-                                             1, std::clamp<int64_t>(nkb, 1, kMaxSplits));
+  const int64_t nsplit = std::clamp<int64_t>(ceil_div(kTasksPerThread * workers, std::max<int64_t>(pairs, 1)), 1,
+                                             std::clamp<int64_t>(nkb, 1, kMaxSplits));
   const bool direct = std::is_same_v<scalar_t, acc_t> && nsplit == 1;
-  std::vector<acc_t> dq_accum(direct ? 0 : nsplit * total_q * H * d);
+  Scratch<acc_t> dq_accum(kSlotDq, direct ? 0 : nsplit * total_q * H * d);
   std::vector<DqTarget<acc_t>> targets(nsplit);
+  auto dq_row = [&](int64_t r) {  // global query row -> its row of dq
+    const int64_t b = p.cu_seqlens_q ? 0 : r / std::max<int64_t>(p.seqlen_q, 1);
+    const int64_t i = p.cu_seqlens_q ? r : r % std::max<int64_t>(p.seqlen_q, 1);
+    return static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride;
+  };
   if (direct) {
     targets[0] = {static_cast<acc_t*>(p.dq), p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride};
-    // dq is a fresh [batch, seqlen_q, heads, d] or [total_q, heads, d] tensor: zero it row by row.
     at::parallel_for(0, total_q, 64, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t b = p.cu_seqlens_q ? 0 : r / std::max<int64_t>(p.seqlen_q, 1);
-        const int64_t i = p.cu_seqlens_q ? r : r % std::max<int64_t>(p.seqlen_q, 1);
-        acc_t* row = static_cast<acc_t*>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride;
+        auto* row = reinterpret_cast<acc_t*>(dq_row(r));
         for (int64_t h = 0; h < H; ++h) std::fill(row + h * p.dq_head_stride, row + h * p.dq_head_stride + d, acc_t(0));
       }
     });
   } else {
+    std::fill(dq_accum.get(), dq_accum.get() + nsplit * total_q * H * d, acc_t(0));
     for (int64_t sp = 0; sp < nsplit; ++sp) {
       // Laid out as a varlen tensor [total_q, heads, d]; batch mode rows are b * seqlen_q + i.
-      targets[sp] = {dq_accum.data() + sp * total_q * H * d, p.cu_seqlens_q ? 0 : p.seqlen_q * H * d, H * d, d};
+      targets[sp] = {dq_accum.get() + sp * total_q * H * d, p.cu_seqlens_q ? 0 : p.seqlen_q * H * d, H * d, d};
     }
   }
 
-  Scratch<acc_t> scratch;
-  scratch.per_worker = 3 * BM * BN + 4 * BN * d + 2 * BM * d;
-  scratch.data.resize(workers * scratch.per_worker);
+  const int64_t per_worker = 3 * BM * BN + 4 * BN * d + packs.d_panels * BN * P + 2 * BM * d;
+  Scratch<acc_t> tiles(kSlotTiles, workers * per_worker);
+  // The softcap derivative tile is read (times P = 0) where never written: start it finite.
+  std::fill(tiles.get(), tiles.get() + workers * per_worker, acc_t(0));
   FASTDL_BOOL_SWITCH(p.softcap > 0, kSoftcap, [&] {
     FASTDL_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
       parallel_items(pairs * nsplit, workers, [&](int64_t item, int64_t w) {
         const int64_t sp = item / pairs, b = item % pairs / p.nheads_k, hk = item % p.nheads_k;
         const Seq s = get_seq(p, b);
         for (int64_t kb = sp; kb * BN < s.sk; kb += nsplit) {
-          bwd_key_block<scalar_t, kSoftcap, kAlibi>(p, b, hk, kb * BN, s, targets[sp], delta.data(), delta_row0(b, s),
-                                                    total_q, scratch.worker(w));
+          bwd_key_block<scalar_t, kSoftcap, kAlibi>(p, packs, b, hk, kb * BN, s, qrow0(b, s), targets[sp],
+                                                    tiles.get() + w * per_worker);
         }
       });
     });
@@ -566,11 +630,9 @@ void bwd_cpu(const BwdParams& p) {
   at::parallel_for(0, total_q, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> row(d);
     for (int64_t r = begin; r < end; ++r) {
-      const int64_t b = p.cu_seqlens_q ? 0 : r / std::max<int64_t>(p.seqlen_q, 1);
-      const int64_t i = p.cu_seqlens_q ? r : r % std::max<int64_t>(p.seqlen_q, 1);
-      auto* dq = static_cast<scalar_t*>(p.dq) + b * p.dq_batch_stride + i * p.dq_row_stride;
+      scalar_t* dq = dq_row(r);
       for (int64_t h = 0; h < H; ++h) {
-        const acc_t* src = dq_accum.data() + (r * H + h) * d;
+        const acc_t* src = dq_accum.get() + (r * H + h) * d;
         std::copy(src, src + d, row.data());
         for (int64_t sp = 1; sp < nsplit; ++sp) {
           const acc_t* part = src + sp * total_q * H * d;
