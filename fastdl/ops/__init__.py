@@ -2,3 +2,4 @@
 its fake (meta) implementation for torch.compile, and a pure-PyTorch reference beside it."""
 
 from fastdl.ops import fused_optim  # noqa: F401
+from fastdl.ops import rnn  # noqa: F401

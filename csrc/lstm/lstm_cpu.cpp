@@ -1,0 +1,537 @@
+// Recurrent cells and sequence layers on CPU: LSTM (with optional projection), GRU, tanh/ReLU RNN.
+//
+// One rnn_layer call runs a whole layer-direction with the time loop in C++:
+//   1. gates_x = X W_ih^T for all N rows at once: one large GEMM, ~half the FLOPs of the layer;
+//   2. per step t: gates_h = h_{t-1} W_hh^T (GEMM on the step's rows), then the fused cell
+//      (lstm_cell_cpu.h), then for LSTM with proj_size h_t = r_t W_hr^T;
+// saving per row h_{t-1}, the gate activations and c_{t-1}, c_t in one workspace, so that the backward
+// runs the reverse loop with one GEMM per step (d h_{t-1} = d gates W_hh) and computes every weight
+// gradient afterwards as one GEMM over all rows. PackedSequence input is the same loop with a
+// shrinking (or, in reverse, growing) number of rows per step; rows that join take h0 / c0, rows that
+// leave write hy / cy.
+//
+// bf16 computes in fp32: inputs and weights are converted once per call and the states stay fp32
+// between steps (torch's bf16 path rounds h to bf16 every step), outputs are rounded at the end.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "lstm/lstm_cell_cpu.h"
+#include "lstm/lstm_gemm_cpu.h"
+#include "lstm/lstm_ops.h"
+
+namespace fastdl::rnn {
+namespace {
+
+using cpu::gemm;
+using cpu::Vec;
+
+template <typename T>
+void copy_rows(int64_t rows, int64_t cols, const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+  for (int64_t b = 0; b < rows; ++b) std::memcpy(dst + b * dst_stride, src + b * src_stride, cols * sizeof(T));
+}
+template <typename T>
+void zero_rows(int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+  for (int64_t b = 0; b < rows; ++b) std::fill(dst + b * dst_stride, dst + b * dst_stride + cols, T(0));
+}
+
+// Step index of the k-th step in processing order.
+inline int64_t step_at(const LayerParams& p, int64_t k) { return p.reverse ? p.seq_len - 1 - k : k; }
+// Rows of the k-th processed step; 0 outside [0, T).
+inline int64_t rows_at(const LayerParams& p, int64_t k) {
+  return k < 0 || k >= p.seq_len ? 0 : p.batch_sizes[step_at(p, k)];
+}
+
+template <typename T>
+void layer_forward(const LayerParams& p) {
+  const int64_t H = p.hidden, P = p.proj > 0 ? p.proj : H, I = p.input_size;
+  const int64_t GH = num_gates(p.mode) * H;
+  const bool lstm = p.mode == Mode::kLSTM, proj = p.proj > 0;
+  const WorkspaceLayout L = workspace_layout(p.mode, H, p.proj);
+  const int64_t Wd = L.width;
+  T* ws = static_cast<T*>(p.workspace);
+  T* out = static_cast<T*>(p.output);
+  T* gx = static_cast<T*>(p.gates_x);
+  T* gh = static_cast<T*>(p.gates_h);
+  const T* h0 = static_cast<const T*>(p.h0);
+  const T* c0 = static_cast<const T*>(p.c0);
+
+  gemm<T>(false, true, p.rows, GH, I, T(1), static_cast<const T*>(p.input), I, static_cast<const T*>(p.w_ih), I, T(0),
+          gx, GH);
+
+  for (int64_t k = 0; k < p.seq_len; ++k) {
+    const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
+    T* row = ws + off * Wd;
+    // Rows that join at this step start from h0 / c0 (all rows at the first step; more rows at
+    // later steps of a reverse pass over a packed batch).
+    const int64_t joined = rows_at(p, k - 1);
+    if (bs > joined) {
+      copy_rows(bs - joined, P, h0 + joined * P, P, row + joined * Wd + L.hprev, Wd);
+      if (lstm) copy_rows(bs - joined, H, c0 + joined * H, H, row + joined * Wd + L.cprev, Wd);
+    }
+    gemm<T>(false, true, bs, GH, P, T(1), row + L.hprev, Wd, static_cast<const T*>(p.w_hh), P, T(0), gh, GH);
+
+    CellFwdParams c;
+    c.mode = p.mode;
+    c.dtype = p.dtype;
+    c.batch = bs;
+    c.hidden = H;
+    c.igates = gx + off * GH, c.igates_stride = GH;
+    c.hgates = gh, c.hgates_stride = GH;
+    c.b_ih = p.b_ih, c.b_hh = p.b_hh;
+    c.h_prev = row + L.hprev, c.h_prev_stride = Wd;
+    if (lstm) {
+      c.c_prev = row + L.cprev, c.c_prev_stride = Wd;
+      c.c_out = row + L.c, c.c_out_stride = Wd;
+    }
+    c.h_out = proj ? static_cast<void*>(row + L.r) : static_cast<void*>(out + off * P);
+    c.h_out_stride = proj ? Wd : P;
+    c.saved = row + L.saved, c.saved_stride = Wd;
+    cpu::cell_forward<T>(c);
+    if (proj) gemm<T>(false, true, bs, P, H, T(1), row + L.r, Wd, static_cast<const T*>(p.w_hr), H, T(0), out + off * P, P);
+
+    // Hand the state to the next step's rows; rows whose sequence ends here write hy / cy.
+    const int64_t next = rows_at(p, k + 1);
+    if (next > 0) {
+      T* next_row = ws + p.offsets[step_at(p, k + 1)] * Wd;
+      const int64_t carry = std::min(bs, next);
+      copy_rows(carry, P, out + off * P, P, next_row + L.hprev, Wd);
+      if (lstm) copy_rows(carry, H, row + L.c, Wd, next_row + L.cprev, Wd);
+    }
+    if (bs > next) {
+      copy_rows(bs - next, P, out + (off + next) * P, P, static_cast<T*>(p.hy) + next * P, P);
+      if (lstm) copy_rows(bs - next, H, row + next * Wd + L.c, Wd, static_cast<T*>(p.cy) + next * H, H);
+    }
+  }
+}
+
+template <typename T>
+void layer_backward(const LayerBwdParams& q) {
+  const LayerParams& p = q.fwd;
+  const int64_t H = p.hidden, P = p.proj > 0 ? p.proj : H, I = p.input_size;
+  const int64_t GH = num_gates(p.mode) * H;
+  const bool lstm = p.mode == Mode::kLSTM, gru = p.mode == Mode::kGRU, proj = p.proj > 0;
+  const WorkspaceLayout L = workspace_layout(p.mode, H, p.proj);
+  const int64_t Wd = L.width;
+  const T* ws = static_cast<const T*>(p.workspace);
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  T* dgx = static_cast<T*>(q.grad_gates_x);
+  T* dgh = gru ? static_cast<T*>(q.grad_gates_h) : dgx;
+  T* dh = static_cast<T*>(q.grad_h);
+  T* dc = static_cast<T*>(q.grad_c);
+  const T* g_out = static_cast<const T*>(q.grad_output);
+  const T* g_hy = static_cast<const T*>(q.grad_hy);
+  const T* g_cy = static_cast<const T*>(q.grad_cy);
+
+  for (int64_t k = p.seq_len - 1; k >= 0; --k) {
+    const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
+    const T* row = ws + off * Wd;
+    // Rows whose sequence ended at this step in the forward start from d hy / d cy; the others
+    // carry d h_t, d c_t from the step after.
+    const int64_t next = rows_at(p, k + 1);
+    if (bs > next) {
+      g_hy ? copy_rows(bs - next, P, g_hy + next * P, P, dh + next * P, P) : zero_rows(bs - next, P, dh + next * P, P);
+      if (lstm)
+        g_cy ? copy_rows(bs - next, H, g_cy + next * H, H, dc + next * H, H) : zero_rows(bs - next, H, dc + next * H, H);
+    }
+    if (g_out) {
+      at::vec::map2<T>([](Vec<T> a, Vec<T> b) { return a + b; }, dh, dh, g_out + off * P, bs * P);
+    }
+    const T* grad_h = dh;
+    int64_t grad_h_stride = P;
+    if (proj) {
+      // h_t = r_t W_hr^T: keep d h_t for grad_w_hr, and d r_t = d h_t W_hr feeds the cell.
+      std::memcpy(static_cast<T*>(q.grad_h_all) + off * P, dh, bs * P * sizeof(T));
+      gemm<T>(false, false, bs, H, P, T(1), dh, P, static_cast<const T*>(p.w_hr), H, T(0), static_cast<T*>(q.grad_r), H);
+      grad_h = static_cast<const T*>(q.grad_r);
+      grad_h_stride = H;
+    }
+
+    CellBwdParams c;
+    c.mode = p.mode;
+    c.dtype = p.dtype;
+    c.batch = bs;
+    c.hidden = H;
+    c.grad_h = grad_h, c.grad_h_stride = grad_h_stride;
+    c.saved = row + L.saved, c.saved_stride = Wd;
+    c.h_prev = row + L.hprev, c.h_prev_stride = Wd;
+    if (lstm) {
+      c.grad_c = dc, c.grad_c_stride = H;
+      c.c_prev = row + L.cprev, c.c_prev_stride = Wd;
+      c.c_out = row + L.c, c.c_out_stride = Wd;
+      c.grad_c_prev = dc, c.grad_c_prev_stride = H;
+    }
+    c.grad_igates = dgx + off * GH, c.grad_igates_stride = GH;
+    if (gru) {
+      c.grad_hgates = dgh + off * GH, c.grad_hgates_stride = GH;
+      c.grad_h_prev = dh, c.grad_h_prev_stride = P;  // z * d h, the W_hh path is added below
+    }
+    cpu::cell_backward<T>(c);
+    // d h_{t-1} (+)= d gates_h W_hh
+    gemm<T>(false, false, bs, P, GH, T(1), dgh + off * GH, GH, w_hh, P, gru ? T(1) : T(0), dh, P);
+
+    // Rows that joined at this step took h0 / c0.
+    const int64_t joined = rows_at(p, k - 1);
+    if (bs > joined) {
+      copy_rows(bs - joined, P, dh + joined * P, P, static_cast<T*>(q.grad_h0) + joined * P, P);
+      if (lstm) copy_rows(bs - joined, H, dc + joined * H, H, static_cast<T*>(q.grad_c0) + joined * H, H);
+    }
+  }
+
+  // Weight gradients: one GEMM each over all N rows of the sequence.
+  const T* X = static_cast<const T*>(p.input);
+  gemm<T>(true, false, GH, I, p.rows, T(1), dgx, GH, X, I, T(0), static_cast<T*>(q.grad_w_ih), I);
+  if (q.grad_input)
+    gemm<T>(false, false, p.rows, I, GH, T(1), dgx, GH, static_cast<const T*>(p.w_ih), I, T(0),
+            static_cast<T*>(q.grad_input), I);
+  gemm<T>(true, false, GH, P, p.rows, T(1), dgh, GH, ws + L.hprev, Wd, T(0), static_cast<T*>(q.grad_w_hh), P);
+  if (proj)
+    gemm<T>(true, false, P, H, p.rows, T(1), static_cast<const T*>(q.grad_h_all), P, ws + L.r, Wd, T(0),
+            static_cast<T*>(q.grad_w_hr), H);
+}
+
+// ---- op bodies ------------------------------------------------------------------------------------
+
+// The math dtype: fp64 stays fp64, fp32 and bf16 compute in fp32.
+at::ScalarType math_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+DType to_dtype(at::ScalarType t) { return t == at::kDouble ? DType::kFloat64 : DType::kFloat32; }
+
+Tensor as_math(const Tensor& t) { return t.to(math_type(t.scalar_type())).contiguous(); }
+std::optional<Tensor> as_math(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(as_math(*t)) : std::nullopt;
+}
+const void* ptr(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+// A result in the caller's dtype that never aliases an input (the op's schema promises fresh outputs).
+Tensor to_result(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+void fill_layer(LayerParams& p, const LayerShape& s, bool reverse) {
+  p.mode = s.mode;
+  p.reverse = reverse;
+  p.seq_len = s.seq_len;
+  p.batch = s.batch;
+  p.rows = s.rows;
+  p.input_size = s.input_size;
+  p.hidden = s.hidden;
+  p.proj = s.proj;
+  p.batch_sizes = s.batch_sizes.data();
+  p.offsets = s.offsets.data();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, const std::optional<Tensor>& batch_sizes,
+                                                         const Tensor& hx, const std::optional<Tensor>& cx,
+                                                         const Tensor& w_ih, const Tensor& w_hh,
+                                                         const std::optional<Tensor>& b_ih,
+                                                         const std::optional<Tensor>& b_hh,
+                                                         const std::optional<Tensor>& w_hr, c10::string_view mode_str,
+                                                         bool reverse) {
+  const Mode mode = parse_mode(mode_str);
+  const LayerShape s = check_layer_args("rnn_layer", mode, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const auto dtype = input.scalar_type();
+  const auto mopts = input.options().dtype(math_type(dtype));
+  const int64_t P = s.state(), GH = num_gates(mode) * s.hidden;
+  const bool lstm = mode == Mode::kLSTM;
+
+  const Tensor x = as_math(input), h0 = as_math(hx), wi = as_math(w_ih), wh = as_math(w_hh);
+  const auto c0 = lstm ? as_math(cx) : std::nullopt;
+  const auto bi = as_math(b_ih), bh = as_math(b_hh), wr = as_math(w_hr);
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = P;
+  Tensor output = at::empty(out_shape, mopts);
+  Tensor hy = at::empty({s.batch, P}, mopts);
+  Tensor cy = lstm ? at::empty({s.batch, s.hidden}, mopts) : at::empty({0}, input.options());
+  Tensor workspace = at::empty({s.rows, workspace_layout(mode, s.hidden, s.proj).width}, mopts);
+  Tensor gates_x = at::empty({s.rows, GH}, mopts), gates_h = at::empty({s.batch, GH}, mopts);
+
+  LayerParams p;
+  fill_layer(p, s, reverse);
+  p.dtype = to_dtype(dtype);
+  p.input = x.data_ptr();
+  p.h0 = h0.data_ptr();
+  p.c0 = ptr(c0);
+  p.w_ih = wi.data_ptr();
+  p.w_hh = wh.data_ptr();
+  p.b_ih = ptr(bi);
+  p.b_hh = ptr(bh);
+  p.w_hr = ptr(wr);
+  p.output = output.data_ptr();
+  p.hy = hy.data_ptr();
+  p.cy = lstm ? cy.data_ptr() : nullptr;
+  p.workspace = workspace.data_ptr();
+  p.gates_x = gates_x.data_ptr();
+  p.gates_h = gates_h.data_ptr();
+  if (s.rows > 0) {
+    p.dtype == DType::kFloat64 ? layer_forward<double>(p) : layer_forward<float>(p);
+  } else {
+    hy.copy_(h0);
+    if (lstm) cy.copy_(*c0);
+  }
+  return {to_result(output, dtype), to_result(hy, dtype), lstm ? to_result(cy, dtype) : cy, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward_cpu(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
+    const std::optional<Tensor>& grad_cy, const Tensor& input, const std::optional<Tensor>& batch_sizes,
+    const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+    const Tensor& workspace, c10::string_view mode_str, bool reverse, bool has_bias, bool input_grad) {
+  const Mode mode = parse_mode(mode_str);
+  const bool lstm = mode == Mode::kLSTM, gru = mode == Mode::kGRU;
+  const LayerShape s = check_layer_args("rnn_layer_backward", mode, input, batch_sizes, hx, std::nullopt, w_ih, w_hh,
+                                        std::nullopt, std::nullopt, w_hr, /*check_cx=*/false);
+  const char* op = "rnn_layer_backward";
+  const auto dtype = input.scalar_type();
+  const auto mtype = math_type(dtype);
+  const auto mopts = input.options().dtype(mtype);
+  const int64_t P = s.state(), H = s.hidden, GH = num_gates(mode) * H;
+  const int64_t width = workspace_layout(mode, H, s.proj).width;
+  TORCH_CHECK(workspace.scalar_type() == mtype && workspace.sizes() == c10::IntArrayRef({s.rows, width}), op,
+              ": workspace must be the ", mtype, " tensor of shape ", shape_str({s.rows, width}),
+              " that rnn_layer returned, got ", workspace.scalar_type(), " ", shape_str(workspace.sizes()));
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = P;
+  SameKind same(op, input, "input");
+  auto grad_arg = [&](const std::optional<Tensor>& g, c10::IntArrayRef shape, const char* name) {
+    if (!g.has_value()) return std::optional<Tensor>();
+    same(*g, name);
+    CHECK_SHAPE(*g, shape);
+    return std::optional<Tensor>(as_math(*g));
+  };
+  const auto g_out = grad_arg(grad_output, out_shape, "grad_output");
+  const auto g_hy = grad_arg(grad_hy, {s.batch, P}, "grad_hy");
+  const auto g_cy = lstm ? grad_arg(grad_cy, {s.batch, H}, "grad_cy") : std::nullopt;
+
+  const Tensor x = as_math(input), wi = as_math(w_ih), wh = as_math(w_hh), ws = workspace.contiguous();
+  const auto wr = as_math(w_hr);
+  Tensor grad_input = input_grad ? at::empty(input.sizes(), mopts) : at::empty({0}, input.options());
+  Tensor grad_h0 = at::empty({s.batch, P}, mopts);
+  Tensor grad_c0 = lstm ? at::empty({s.batch, H}, mopts) : at::empty({0}, input.options());
+  Tensor grad_w_ih = at::empty({GH, s.input_size}, mopts), grad_w_hh = at::empty({GH, P}, mopts);
+  Tensor grad_w_hr = s.proj > 0 ? at::empty({P, H}, mopts) : at::empty({0}, input.options());
+  Tensor dgx = at::empty({s.rows, GH}, mopts);
+  Tensor dgh = gru ? at::empty({s.rows, GH}, mopts) : dgx;
+  Tensor dh = at::empty({s.batch, P}, mopts), dc = at::empty({s.batch, H}, mopts);
+  Tensor dh_all = s.proj > 0 ? at::empty({s.rows, P}, mopts) : Tensor();
+  Tensor dr = s.proj > 0 ? at::empty({s.batch, H}, mopts) : Tensor();
+
+  LayerBwdParams q;
+  fill_layer(q.fwd, s, reverse);
+  q.fwd.dtype = to_dtype(dtype);
+  q.fwd.input = x.data_ptr();
+  q.fwd.w_ih = wi.data_ptr();
+  q.fwd.w_hh = wh.data_ptr();
+  q.fwd.w_hr = ptr(wr);
+  q.fwd.workspace = ws.data_ptr();
+  q.grad_output = ptr(g_out);
+  q.grad_hy = ptr(g_hy);
+  q.grad_cy = ptr(g_cy);
+  q.grad_input = input_grad ? grad_input.data_ptr() : nullptr;
+  q.grad_h0 = grad_h0.data_ptr();
+  q.grad_c0 = lstm ? grad_c0.data_ptr() : nullptr;
+  q.grad_w_ih = grad_w_ih.data_ptr();
+  q.grad_w_hh = grad_w_hh.data_ptr();
+  q.grad_w_hr = s.proj > 0 ? grad_w_hr.data_ptr() : nullptr;
+  q.grad_gates_x = dgx.data_ptr();
+  q.grad_gates_h = dgh.data_ptr();
+  q.grad_h = dh.data_ptr();
+  q.grad_c = dc.data_ptr();
+  q.grad_h_all = s.proj > 0 ? dh_all.data_ptr() : nullptr;
+  q.grad_r = s.proj > 0 ? dr.data_ptr() : nullptr;
+  if (s.rows > 0) {
+    q.fwd.dtype == DType::kFloat64 ? layer_backward<double>(q) : layer_backward<float>(q);
+  } else {
+    for (Tensor* t : {&grad_input, &grad_w_ih, &grad_w_hh, &grad_w_hr}) t->zero_();
+    g_hy ? grad_h0.copy_(*g_hy) : grad_h0.zero_();
+    if (lstm) g_cy ? grad_c0.copy_(*g_cy) : grad_c0.zero_();
+  }
+  // Bias gradients: column sums of the gate gradients (torch's cascade sum, deterministic).
+  Tensor grad_b_ih = has_bias ? dgx.sum(0) : at::empty({0}, input.options());
+  Tensor grad_b_hh = has_bias ? (gru ? dgh.sum(0) : grad_b_ih.clone()) : at::empty({0}, input.options());
+  return {to_result(grad_input, dtype), to_result(grad_h0, dtype), to_result(grad_c0, dtype),
+          to_result(grad_w_ih, dtype), to_result(grad_w_hh, dtype), to_result(grad_b_ih, dtype),
+          to_result(grad_b_hh, dtype), to_result(grad_w_hr, dtype)};
+}
+
+// ---- single cells: the two GEMMs are the caller's (F.linear), the op fuses the rest ----------------
+
+struct CellArgs {
+  int64_t batch, hidden;
+};
+
+CellArgs check_cell(const char* op, Mode mode, const Tensor& igates, const Tensor& hgates,
+                    const std::optional<Tensor>& state, const char* state_name, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  SameKind same(op, igates, "input_gates");
+  same(hgates, "hidden_gates");
+  same(state, state_name);
+  same(b_ih, "input_bias");
+  same(b_hh, "hidden_bias");
+  const int64_t G = num_gates(mode);
+  TORCH_CHECK(igates.dim() == 2 && igates.size(1) % G == 0 && igates.size(1) > 0, op,
+              ": input_gates must be [batch, ", G, " * hidden_size], got ", shape_str(igates.sizes()));
+  const int64_t B = igates.size(0), H = igates.size(1) / G;
+  CHECK_SHAPE(hgates, B, G * H);
+  if (state) TORCH_CHECK(state->sizes() == c10::IntArrayRef({B, H}), op, ": ", state_name, " must have shape ",
+                         shape_str({B, H}), " [batch, hidden_size], got ", shape_str(state->sizes()));
+  if (b_ih) CHECK_SHAPE(*b_ih, G * H);
+  if (b_hh) CHECK_SHAPE(*b_hh, G * H);
+  return {B, H};
+}
+
+template <typename Fn>
+void dispatch_math(at::ScalarType t, const Fn& fn) {
+  t == at::kDouble ? fn(double()) : fn(float());
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& igates, const Tensor& hgates, const Tensor& cx,
+                                                 const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  const auto [B, H] = check_cell("lstm_cell", Mode::kLSTM, igates, hgates, cx, "cx", b_ih, b_hh);
+  const auto dtype = igates.scalar_type();
+  const auto mopts = igates.options().dtype(math_type(dtype));
+  const Tensor ig = as_math(igates), hg = as_math(hgates), c0 = as_math(cx);
+  const auto bi = as_math(b_ih), bh = as_math(b_hh);
+  Tensor hy = at::empty({B, H}, mopts), cy = at::empty({B, H}, mopts), ws = at::empty({B, 4 * H}, mopts);
+  CellFwdParams p;
+  p.mode = Mode::kLSTM, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.igates = ig.data_ptr(), p.igates_stride = 4 * H;
+  p.hgates = hg.data_ptr(), p.hgates_stride = 4 * H;
+  p.b_ih = ptr(bi), p.b_hh = ptr(bh);
+  p.c_prev = c0.data_ptr(), p.c_prev_stride = H;
+  p.h_out = hy.data_ptr(), p.h_out_stride = H;
+  p.c_out = cy.data_ptr(), p.c_out_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = 4 * H;
+  dispatch_math(ws.scalar_type(), [&](auto v) { cpu::cell_forward<decltype(v)>(p); });
+  return {to_result(hy, dtype), to_result(cy, dtype), ws};
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_backward_cpu(const std::optional<Tensor>& grad_hy,
+                                                  const std::optional<Tensor>& grad_cy, const Tensor& cx,
+                                                  const Tensor& cy, const Tensor& workspace) {
+  const char* op = "lstm_cell_backward";
+  SameKind same(op, cx, "cx");
+  same(cy, "cy");
+  same(grad_hy, "grad_hy");
+  same(grad_cy, "grad_cy");
+  TORCH_CHECK(cx.dim() == 2, op, ": cx must be [batch, hidden_size], got ", shape_str(cx.sizes()));
+  const int64_t B = cx.size(0), H = cx.size(1);
+  const auto dtype = cx.scalar_type();
+  const auto mtype = math_type(dtype);
+  CHECK_SHAPE(cy, B, H);
+  CHECK_SHAPE(workspace, B, 4 * H);
+  CHECK_DTYPE(workspace, mtype);
+  if (grad_hy) CHECK_SHAPE(*grad_hy, B, H);
+  if (grad_cy) CHECK_SHAPE(*grad_cy, B, H);
+  const auto mopts = cx.options().dtype(mtype);
+  const Tensor c0 = as_math(cx), c1 = as_math(cy), ws = workspace.contiguous();
+  const auto dh = as_math(grad_hy), dc = as_math(grad_cy);
+  Tensor dgates = at::empty({B, 4 * H}, mopts), dcx = at::empty({B, H}, mopts);
+  CellBwdParams p;
+  p.mode = Mode::kLSTM, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.grad_h = ptr(dh), p.grad_h_stride = H;
+  p.grad_c = ptr(dc), p.grad_c_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = 4 * H;
+  p.c_prev = c0.data_ptr(), p.c_prev_stride = H;
+  p.c_out = c1.data_ptr(), p.c_out_stride = H;
+  p.grad_igates = dgates.data_ptr(), p.grad_igates_stride = 4 * H;
+  p.grad_c_prev = dcx.data_ptr(), p.grad_c_prev_stride = H;
+  dispatch_math(mtype, [&](auto v) { cpu::cell_backward<decltype(v)>(p); });
+  return {to_result(dgates, dtype), to_result(dcx, dtype)};
+}
+
+std::tuple<Tensor, Tensor> gru_cell_cpu(const Tensor& igates, const Tensor& hgates, const Tensor& hx,
+                                        const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  const auto [B, H] = check_cell("gru_cell", Mode::kGRU, igates, hgates, hx, "hx", b_ih, b_hh);
+  const auto dtype = igates.scalar_type();
+  const auto mopts = igates.options().dtype(math_type(dtype));
+  const Tensor ig = as_math(igates), hg = as_math(hgates), h0 = as_math(hx);
+  const auto bi = as_math(b_ih), bh = as_math(b_hh);
+  Tensor hy = at::empty({B, H}, mopts), ws = at::empty({B, 4 * H}, mopts);
+  CellFwdParams p;
+  p.mode = Mode::kGRU, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.igates = ig.data_ptr(), p.igates_stride = 3 * H;
+  p.hgates = hg.data_ptr(), p.hgates_stride = 3 * H;
+  p.b_ih = ptr(bi), p.b_hh = ptr(bh);
+  p.h_prev = h0.data_ptr(), p.h_prev_stride = H;
+  p.h_out = hy.data_ptr(), p.h_out_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = 4 * H;
+  dispatch_math(ws.scalar_type(), [&](auto v) { cpu::cell_forward<decltype(v)>(p); });
+  return {to_result(hy, dtype), ws};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_cell_backward_cpu(const Tensor& grad_hy, const Tensor& hx,
+                                                         const Tensor& workspace) {
+  const char* op = "gru_cell_backward";
+  SameKind same(op, hx, "hx");
+  same(grad_hy, "grad_hy");
+  TORCH_CHECK(hx.dim() == 2, op, ": hx must be [batch, hidden_size], got ", shape_str(hx.sizes()));
+  const int64_t B = hx.size(0), H = hx.size(1);
+  const auto dtype = hx.scalar_type();
+  const auto mtype = math_type(dtype);
+  CHECK_SHAPE(grad_hy, B, H);
+  CHECK_SHAPE(workspace, B, 4 * H);
+  CHECK_DTYPE(workspace, mtype);
+  const auto mopts = hx.options().dtype(mtype);
+  const Tensor h0 = as_math(hx), dh = as_math(grad_hy), ws = workspace.contiguous();
+  Tensor dgx = at::empty({B, 3 * H}, mopts), dgh = at::empty({B, 3 * H}, mopts), dhx = at::empty({B, H}, mopts);
+  CellBwdParams p;
+  p.mode = Mode::kGRU, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.grad_h = dh.data_ptr(), p.grad_h_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = 4 * H;
+  p.h_prev = h0.data_ptr(), p.h_prev_stride = H;
+  p.grad_igates = dgx.data_ptr(), p.grad_igates_stride = 3 * H;
+  p.grad_hgates = dgh.data_ptr(), p.grad_hgates_stride = 3 * H;
+  p.grad_h_prev = dhx.data_ptr(), p.grad_h_prev_stride = H;
+  dispatch_math(mtype, [&](auto v) { cpu::cell_backward<decltype(v)>(p); });
+  return {to_result(dgx, dtype), to_result(dgh, dtype), to_result(dhx, dtype)};
+}
+
+std::tuple<Tensor, Tensor> rnn_cell_cpu(const Tensor& igates, const Tensor& hgates, const std::optional<Tensor>& b_ih,
+                                        const std::optional<Tensor>& b_hh, bool relu) {
+  const auto [B, H] = check_cell("rnn_cell", Mode::kRNNTanh, igates, hgates, std::nullopt, "hx", b_ih, b_hh);
+  const auto dtype = igates.scalar_type();
+  const auto mopts = igates.options().dtype(math_type(dtype));
+  const Tensor ig = as_math(igates), hg = as_math(hgates);
+  const auto bi = as_math(b_ih), bh = as_math(b_hh);
+  Tensor ws = at::empty({B, H}, mopts);
+  CellFwdParams p;
+  p.mode = relu ? Mode::kRNNReLU : Mode::kRNNTanh, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.igates = ig.data_ptr(), p.igates_stride = H;
+  p.hgates = hg.data_ptr(), p.hgates_stride = H;
+  p.b_ih = ptr(bi), p.b_hh = ptr(bh);
+  p.h_out = ws.data_ptr(), p.h_out_stride = H;
+  dispatch_math(ws.scalar_type(), [&](auto v) { cpu::cell_forward<decltype(v)>(p); });
+  // hy must not alias the workspace (separate outputs of one op).
+  return {dtype == ws.scalar_type() ? ws.clone() : ws.to(dtype), ws};
+}
+
+Tensor rnn_cell_backward_cpu(const Tensor& grad_hy, const Tensor& workspace, bool relu) {
+  const char* op = "rnn_cell_backward";
+  SameKind same(op, grad_hy, "grad_hy");
+  TORCH_CHECK(grad_hy.dim() == 2, op, ": grad_hy must be [batch, hidden_size], got ", shape_str(grad_hy.sizes()));
+  const auto dtype = grad_hy.scalar_type();
+  const auto mtype = math_type(dtype);
+  const int64_t B = grad_hy.size(0), H = grad_hy.size(1);
+  CHECK_SHAPE(workspace, B, H);
+  CHECK_DTYPE(workspace, mtype);
+  const Tensor dh = as_math(grad_hy), ws = workspace.contiguous();
+  Tensor dg = at::empty({B, H}, dh.options());
+  CellBwdParams p;
+  p.mode = relu ? Mode::kRNNReLU : Mode::kRNNTanh, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.grad_h = dh.data_ptr(), p.grad_h_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = H;
+  p.grad_igates = dg.data_ptr(), p.grad_igates_stride = H;
+  dispatch_math(mtype, [&](auto v) { cpu::cell_backward<decltype(v)>(p); });
+  return to_result(dg, dtype);
+}
+
+}  // namespace
+}  // namespace fastdl::rnn
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("rnn_layer", &fastdl::rnn::rnn_layer_cpu);
+  m.impl("rnn_layer_backward", &fastdl::rnn::rnn_layer_backward_cpu);
+  m.impl("lstm_cell", &fastdl::rnn::lstm_cell_cpu);
+  m.impl("lstm_cell_backward", &fastdl::rnn::lstm_cell_backward_cpu);
+  m.impl("gru_cell", &fastdl::rnn::gru_cell_cpu);
+  m.impl("gru_cell_backward", &fastdl::rnn::gru_cell_backward_cpu);
+  m.impl("rnn_cell", &fastdl::rnn::rnn_cell_cpu);
+  m.impl("rnn_cell_backward", &fastdl::rnn::rnn_cell_backward_cpu);
+}
