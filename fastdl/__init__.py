@@ -8,7 +8,7 @@ from fastdl._version import __version__
 
 _C = _load_extension()
 
-from fastdl import ops, optim  # noqa: E402
+from fastdl import nn, ops, optim  # noqa: E402
 
 
 def build_info() -> dict:
@@ -16,4 +16,4 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-__all__ = ["ExtensionError", "__version__", "build_info", "ops", "optim"]
+__all__ = ["ExtensionError", "__version__", "build_info", "nn", "ops", "optim"]
