@@ -368,11 +368,14 @@ CellArgs check_cell(const char* op, Mode mode, const Tensor& igates, const Tenso
   TORCH_CHECK(igates.dim() == 2 && igates.size(1) % G == 0 && igates.size(1) > 0, op,
               ": input_gates must be [batch, ", G, " * hidden_size], got ", shape_str(igates.sizes()));
   const int64_t B = igates.size(0), H = igates.size(1) / G;
-  CHECK_SHAPE(hgates, B, G * H);
-  if (state) TORCH_CHECK(state->sizes() == c10::IntArrayRef({B, H}), op, ": ", state_name, " must have shape ",
-                         shape_str({B, H}), " [batch, hidden_size], got ", shape_str(state->sizes()));
-  if (b_ih) CHECK_SHAPE(*b_ih, G * H);
-  if (b_hh) CHECK_SHAPE(*b_hh, G * H);
+  auto check_shape = [&](const Tensor& t, c10::IntArrayRef shape, const char* name, const char* what) {
+    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_str(shape), what, ", got ",
+                shape_str(t.sizes()));
+  };
+  check_shape(hgates, {B, G * H}, "hidden_gates", "");
+  if (state) check_shape(*state, {B, H}, state_name, " [batch, hidden_size]");
+  if (b_ih) check_shape(*b_ih, {G * H}, "input_bias", "");
+  if (b_hh) check_shape(*b_hh, {G * H}, "hidden_bias", "");
   return {B, H};
 }
 

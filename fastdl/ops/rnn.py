@@ -50,11 +50,22 @@ def _arg_names(op) -> list[str]:
     return [a.name for a in op.default._schema.arguments]
 
 
+def _check_one_device(op: str, **tensors: Optional[Tensor]) -> None:
+    """The fake kernels also run when meta tensors are mixed with real ones: refuse, as the kernels do."""
+    present = {name: t for name, t in tensors.items() if t is not None}
+    first, ref = next(iter(present.items()))
+    for name, t in present.items():
+        if t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but {first} is on {ref.device}; all tensors must be "
+                               "on one device")
+
+
 # ---- layers -----------------------------------------------------------------------------------------
 
 
 @torch.library.register_fake("fastdl::rnn_layer")
 def _rnn_layer_fake(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse):
+    _check_one_device("rnn_layer", input=input, hx=hx, cx=cx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     hidden = w_ih.shape[0] // _GATES[mode]
     proj = w_hr.shape[0] if w_hr is not None else 0
     state = proj if proj > 0 else hidden
@@ -70,6 +81,8 @@ def _rnn_layer_fake(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
 @torch.library.register_fake("fastdl::rnn_layer_backward")
 def _rnn_layer_backward_fake(grad_output, grad_hy, grad_cy, input, batch_sizes, hx, w_ih, w_hh, w_hr, workspace,
                              mode, reverse, has_bias, input_grad):
+    _check_one_device("rnn_layer_backward", input=input, grad_output=grad_output, grad_hy=grad_hy, grad_cy=grad_cy,
+                      hx=hx, w_ih=w_ih, w_hh=w_hh, w_hr=w_hr, workspace=workspace)
     hidden = w_ih.shape[0] // _GATES[mode]
 
     def empty() -> Tensor:  # a fresh [0] tensor per output: outputs of one op must not alias
@@ -231,6 +244,8 @@ def rnn_layer_ref(
 
 @torch.library.register_fake("fastdl::lstm_cell")
 def _lstm_cell_fake(input_gates, hidden_gates, cx, input_bias=None, hidden_bias=None):
+    _check_one_device("lstm_cell", input_gates=input_gates, hidden_gates=hidden_gates, cx=cx, input_bias=input_bias,
+                      hidden_bias=hidden_bias)
     ws = input_gates.new_empty(input_gates.shape, dtype=_math_dtype(input_gates.dtype))
     return input_gates.new_empty(cx.shape), input_gates.new_empty(cx.shape), ws
 
@@ -242,6 +257,8 @@ def _lstm_cell_backward_fake(grad_hy, grad_cy, cx, cy, workspace):
 
 @torch.library.register_fake("fastdl::gru_cell")
 def _gru_cell_fake(input_gates, hidden_gates, hx, input_bias=None, hidden_bias=None):
+    _check_one_device("gru_cell", input_gates=input_gates, hidden_gates=hidden_gates, hx=hx, input_bias=input_bias,
+                      hidden_bias=hidden_bias)
     ws = input_gates.new_empty((hx.shape[0], 4 * hx.shape[1]), dtype=_math_dtype(input_gates.dtype))
     return input_gates.new_empty(hx.shape), ws
 
@@ -254,6 +271,8 @@ def _gru_cell_backward_fake(grad_hy, hx, workspace):
 
 @torch.library.register_fake("fastdl::rnn_cell")
 def _rnn_cell_fake(input_gates, hidden_gates, input_bias=None, hidden_bias=None, *, relu=False):
+    _check_one_device("rnn_cell", input_gates=input_gates, hidden_gates=hidden_gates, input_bias=input_bias,
+                      hidden_bias=hidden_bias)
     return input_gates.new_empty(input_gates.shape), input_gates.new_empty(input_gates.shape,
                                                                            dtype=_math_dtype(input_gates.dtype))
 
@@ -264,7 +283,9 @@ def _rnn_cell_backward_fake(grad_hy, workspace, *, relu=False):
 
 
 def _bias_grad(ctx, index: int, grad_gates: Tensor) -> Optional[Tensor]:
-    return grad_gates.sum(0) if ctx.needs_input_grad[index] else None
+    # Trailing arguments left at their default (a bias of None) are not in needs_input_grad.
+    needed = index < len(ctx.needs_input_grad) and ctx.needs_input_grad[index]
+    return grad_gates.sum(0) if needed else None
 
 
 def _lstm_cell_setup(ctx, inputs, output):
