@@ -63,10 +63,12 @@ TORCH_LIBRARY(fastdl, m) {
   // [N, I] with batch_sizes [T] (PackedSequence layout, non-increasing, int64 on CPU); hx [B, P];
   // cx [B, H] (LSTM only); w_ih [G*H, I], w_hh [G*H, P], b_* [G*H], w_hr [P, H] (LSTM proj_size; P = H
   // without). mode: "LSTM", "GRU", "RNN_TANH", "RNN_RELU"; reverse runs t = T-1 .. 0.
-  // Returns output [T, B, P] (or [N, P]), hy [B, P], cy [B, H] (LSTM, else [0]), workspace.
+  // Returns output [T, B, P] (or [N, P]), hy [B, P], cy [B, H] (LSTM, else [0]), workspace ([0] when
+  // save_workspace is False: inference, no backward).
   m.def(
       "rnn_layer(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
-      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, str mode, bool reverse) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, str mode, bool reverse, bool save_workspace=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
   // Backward through time of rnn_layer. Missing incoming grads are zeros. Returns grad_input ([0] unless
   // input_grad), grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh ([0] unless has_bias),
   // grad_w_hr ([0] without projection).

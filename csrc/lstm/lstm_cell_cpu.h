@@ -89,10 +89,12 @@ void cell_forward(const CellFwdParams& p) {
         const V cn = f * load(cp + j, n) + i * g;
         store(cn, c + j, n);
         store(o * cn.tanh(), h + j, n);
-        store(i, s + j, n);
-        store(f, s + H + j, n);
-        store(g, s + 2 * H + j, n);
-        store(o, s + 3 * H + j, n);
+        if (s) {
+          store(i, s + j, n);
+          store(f, s + H + j, n);
+          store(g, s + 2 * H + j, n);
+          store(o, s + 3 * H + j, n);
+        }
       } else if (p.mode == Mode::kGRU) {
         const T* hp = Row<T>::at(p.h_prev, p.h_prev_stride, b);
         const V r = sigmoid(x_part(0) + h_part(0));
@@ -100,10 +102,12 @@ void cell_forward(const CellFwdParams& p) {
         const V hn = h_part(2);
         const V nn = (x_part(2) + r * hn).tanh();
         store(nn + z * (load(hp + j, n) - nn), h + j, n);  // (1 - z) * n + z * h, as torch writes it
-        store(r, s + j, n);
-        store(z, s + H + j, n);
-        store(nn, s + 2 * H + j, n);
-        store(hn, s + 3 * H + j, n);
+        if (s) {
+          store(r, s + j, n);
+          store(z, s + H + j, n);
+          store(nn, s + 2 * H + j, n);
+          store(hn, s + 3 * H + j, n);
+        }
       } else {
         const V pre = x_part(0) + h_part(0);
         const V hy = p.mode == Mode::kRNNTanh ? pre.tanh() : at::vec::maximum(pre, V(T(0)));

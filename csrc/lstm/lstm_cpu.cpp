@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
 
 #include "lstm/lstm_cell_cpu.h"
 #include "lstm/lstm_gemm_cpu.h"
@@ -36,6 +37,17 @@ void zero_rows(int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
   for (int64_t b = 0; b < rows; ++b) std::fill(dst + b * dst_stride, dst + b * dst_stride + cols, T(0));
 }
 
+// out [M, N] = dG^T X for dG [rows, M] and X [rows, N]: the gradient of a weight W [M, N] used as x W^T.
+// Computed as (X^T dG)^T, so that the operand brgemm needs transposed is X (the input, N wide) rather than
+// the 4H-wide gate gradients.
+template <typename T>
+void weight_grad(int64_t M, int64_t N, int64_t rows, const T* dG, int64_t ldg, const T* X, int64_t ldx, T* out) {
+  const auto opts = at::TensorOptions().dtype(cpu::scalar_type_of<T>());
+  at::Tensor tmp = at::empty({N, M}, opts);  // W^T
+  gemm<T>(true, false, N, M, rows, X, ldx, dG, ldg, false, tmp.data_ptr<T>(), M);
+  at::from_blob(out, {M, N}, opts).copy_(tmp.t());
+}
+
 // Step index of the k-th step in processing order.
 inline int64_t step_at(const LayerParams& p, int64_t k) { return p.reverse ? p.seq_len - 1 - k : k; }
 // Rows of the k-th processed step; 0 outside [0, T).
@@ -45,65 +57,89 @@ inline int64_t rows_at(const LayerParams& p, int64_t k) {
 
 template <typename T>
 void layer_forward(const LayerParams& p) {
-  const int64_t H = p.hidden, P = p.proj > 0 ? p.proj : H, I = p.input_size;
+  const int64_t H = p.hidden, P = p.proj > 0 ? p.proj : H, I = p.input_size, B = p.batch;
   const int64_t GH = num_gates(p.mode) * H;
-  const bool lstm = p.mode == Mode::kLSTM, proj = p.proj > 0;
+  const bool lstm = p.mode == Mode::kLSTM, gru = p.mode == Mode::kGRU, proj = p.proj > 0;
   const WorkspaceLayout L = workspace_layout(p.mode, H, p.proj);
   const int64_t Wd = L.width;
   T* ws = static_cast<T*>(p.workspace);
   T* out = static_cast<T*>(p.output);
   T* gx = static_cast<T*>(p.gates_x);
   T* gh = static_cast<T*>(p.gates_h);
-  const T* h0 = static_cast<const T*>(p.h0);
-  const T* c0 = static_cast<const T*>(p.c0);
+  T* hs = static_cast<T*>(p.h_state);
+  T* cs = static_cast<T*>(p.c_state);
+  const T* x = static_cast<const T*>(p.input);
+  // Weights as the GEMMs want them: row-major W^T when the caller provides it, else transposed on the fly.
+  const T* w_ih = static_cast<const T*>(p.w_ih_t ? p.w_ih_t : p.w_ih);
+  const T* w_hh = static_cast<const T*>(p.w_hh_t ? p.w_hh_t : p.w_hh);
+  const T* w_hr = static_cast<const T*>(p.w_hr_t ? p.w_hr_t : p.w_hr);
+  const bool ih_t = p.w_ih_t == nullptr, hh_t = p.w_hh_t == nullptr, hr_t = p.w_hr_t == nullptr;
 
-  gemm<T>(false, true, p.rows, GH, I, T(1), static_cast<const T*>(p.input), I, static_cast<const T*>(p.w_ih), I, T(0),
-          gx, GH);
+  // Biases go into the input projection: b_ih + b_hh for LSTM / RNN; GRU keeps b_hh in the cell,
+  // where b_hn is scaled by r.
+  const T* b_ih = static_cast<const T*>(p.b_ih);
+  const T* b_hh = static_cast<const T*>(p.b_hh);
+  std::vector<T> bias_x;
+  if (b_ih || (b_hh && !gru)) {
+    bias_x.assign(GH, T(0));
+    for (int64_t j = 0; j < GH; ++j) bias_x[j] = (b_ih ? b_ih[j] : T(0)) + (b_hh && !gru ? b_hh[j] : T(0));
+  }
 
+  // The state buffers start as h0 / c0 for every row. A row joins the recurrence when its sequence
+  // starts (every row at the first step, or later in a reverse pass over a packed batch) and is not
+  // touched after its sequence ends, so at the end they hold hy / cy.
+  std::memcpy(hs, p.h0, B * P * sizeof(T));
+  if (lstm) std::memcpy(cs, p.c0, B * H * sizeof(T));
+
+  int64_t chunk_row0 = 0;
   for (int64_t k = 0; k < p.seq_len; ++k) {
-    const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
-    T* row = ws + off * Wd;
-    // Rows that join at this step start from h0 / c0 (all rows at the first step; more rows at
-    // later steps of a reverse pass over a packed batch).
-    const int64_t joined = rows_at(p, k - 1);
-    if (bs > joined) {
-      copy_rows(bs - joined, P, h0 + joined * P, P, row + joined * Wd + L.hprev, Wd);
-      if (lstm) copy_rows(bs - joined, H, c0 + joined * H, H, row + joined * Wd + L.cprev, Wd);
+    if (k % p.chunk_steps == 0) {
+      // x W_ih^T + bias for the next chunk of steps: their rows are contiguous in either direction.
+      const int64_t k_last = std::min(p.seq_len, k + p.chunk_steps) - 1;
+      const int64_t ta = step_at(p, k), tb = step_at(p, k_last);
+      const int64_t r0 = std::min(p.offsets[ta], p.offsets[tb]);
+      const int64_t r1 = std::max(p.offsets[ta] + p.batch_sizes[ta], p.offsets[tb] + p.batch_sizes[tb]);
+      if (!bias_x.empty())
+        for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(gx + r * GH, bias_x.data(), GH * sizeof(T));
+      gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, !bias_x.empty(), gx, GH);
+      chunk_row0 = r0;
     }
-    gemm<T>(false, true, bs, GH, P, T(1), row + L.hprev, Wd, static_cast<const T*>(p.w_hh), P, T(0), gh, GH);
+    const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
+    T* row = ws ? ws + off * Wd : nullptr;
+    if (row) {
+      copy_rows(bs, P, hs, P, row + L.hprev, Wd);
+      if (lstm) copy_rows(bs, H, cs, H, row + L.cprev, Wd);
+    }
+    gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, hh_t ? P : GH, false, gh, GH);
 
     CellFwdParams c;
     c.mode = p.mode;
     c.dtype = p.dtype;
     c.batch = bs;
     c.hidden = H;
-    c.igates = gx + off * GH, c.igates_stride = GH;
+    c.igates = gx + (off - chunk_row0) * GH, c.igates_stride = GH;
     c.hgates = gh, c.hgates_stride = GH;
-    c.b_ih = p.b_ih, c.b_hh = p.b_hh;
-    c.h_prev = row + L.hprev, c.h_prev_stride = Wd;
+    c.b_hh = gru ? b_hh : nullptr;
+    c.h_prev = hs, c.h_prev_stride = P;
     if (lstm) {
-      c.c_prev = row + L.cprev, c.c_prev_stride = Wd;
-      c.c_out = row + L.c, c.c_out_stride = Wd;
+      c.c_prev = cs, c.c_prev_stride = H;
+      c.c_out = cs, c.c_out_stride = H;
     }
-    c.h_out = proj ? static_cast<void*>(row + L.r) : static_cast<void*>(out + off * P);
-    c.h_out_stride = proj ? Wd : P;
-    c.saved = row + L.saved, c.saved_stride = Wd;
+    T* r = proj ? (row ? row + L.r : static_cast<T*>(p.r_state)) : nullptr;
+    c.h_out = proj ? r : hs;
+    c.h_out_stride = proj ? (row ? Wd : H) : P;
+    c.saved = row ? row + L.saved : nullptr, c.saved_stride = Wd;
     cpu::cell_forward<T>(c);
-    if (proj) gemm<T>(false, true, bs, P, H, T(1), row + L.r, Wd, static_cast<const T*>(p.w_hr), H, T(0), out + off * P, P);
-
-    // Hand the state to the next step's rows; rows whose sequence ends here write hy / cy.
-    const int64_t next = rows_at(p, k + 1);
-    if (next > 0) {
-      T* next_row = ws + p.offsets[step_at(p, k + 1)] * Wd;
-      const int64_t carry = std::min(bs, next);
-      copy_rows(carry, P, out + off * P, P, next_row + L.hprev, Wd);
-      if (lstm) copy_rows(carry, H, row + L.c, Wd, next_row + L.cprev, Wd);
-    }
-    if (bs > next) {
-      copy_rows(bs - next, P, out + (off + next) * P, P, static_cast<T*>(p.hy) + next * P, P);
-      if (lstm) copy_rows(bs - next, H, row + next * Wd + L.c, Wd, static_cast<T*>(p.cy) + next * H, H);
+    if (row && lstm) copy_rows(bs, H, cs, H, row + L.c, Wd);
+    if (proj) {
+      gemm<T>(false, hr_t, bs, P, H, r, c.h_out_stride, w_hr, hr_t ? H : P, false, out + off * P, P);
+      std::memcpy(hs, out + off * P, bs * P * sizeof(T));
+    } else {
+      std::memcpy(out + off * P, hs, bs * P * sizeof(T));
     }
   }
+  std::memcpy(p.hy, hs, B * P * sizeof(T));
+  if (lstm) std::memcpy(p.cy, cs, B * H * sizeof(T));
 }
 
 template <typename T>
@@ -143,7 +179,7 @@ void layer_backward(const LayerBwdParams& q) {
     if (proj) {
       // h_t = r_t W_hr^T: keep d h_t for grad_w_hr, and d r_t = d h_t W_hr feeds the cell.
       std::memcpy(static_cast<T*>(q.grad_h_all) + off * P, dh, bs * P * sizeof(T));
-      gemm<T>(false, false, bs, H, P, T(1), dh, P, static_cast<const T*>(p.w_hr), H, T(0), static_cast<T*>(q.grad_r), H);
+      gemm<T>(false, false, bs, H, P, dh, P, static_cast<const T*>(p.w_hr), H, false, static_cast<T*>(q.grad_r), H);
       grad_h = static_cast<const T*>(q.grad_r);
       grad_h_stride = H;
     }
@@ -169,7 +205,7 @@ void layer_backward(const LayerBwdParams& q) {
     }
     cpu::cell_backward<T>(c);
     // d h_{t-1} (+)= d gates_h W_hh
-    gemm<T>(false, false, bs, P, GH, T(1), dgh + off * GH, GH, w_hh, P, gru ? T(1) : T(0), dh, P);
+    gemm<T>(false, false, bs, P, GH, dgh + off * GH, GH, w_hh, P, gru, dh, P);
 
     // Rows that joined at this step took h0 / c0.
     const int64_t joined = rows_at(p, k - 1);
@@ -181,13 +217,13 @@ void layer_backward(const LayerBwdParams& q) {
 
   // Weight gradients: one GEMM each over all N rows of the sequence.
   const T* X = static_cast<const T*>(p.input);
-  gemm<T>(true, false, GH, I, p.rows, T(1), dgx, GH, X, I, T(0), static_cast<T*>(q.grad_w_ih), I);
+  weight_grad<T>(GH, I, p.rows, dgx, GH, X, I, static_cast<T*>(q.grad_w_ih));
   if (q.grad_input)
-    gemm<T>(false, false, p.rows, I, GH, T(1), dgx, GH, static_cast<const T*>(p.w_ih), I, T(0),
+    gemm<T>(false, false, p.rows, I, GH, dgx, GH, static_cast<const T*>(p.w_ih), I, false,
             static_cast<T*>(q.grad_input), I);
-  gemm<T>(true, false, GH, P, p.rows, T(1), dgh, GH, ws + L.hprev, Wd, T(0), static_cast<T*>(q.grad_w_hh), P);
+  weight_grad<T>(GH, P, p.rows, dgh, GH, ws + L.hprev, Wd, static_cast<T*>(q.grad_w_hh));
   if (proj)
-    gemm<T>(true, false, P, H, p.rows, T(1), static_cast<const T*>(q.grad_h_all), P, ws + L.r, Wd, T(0),
+    gemm<T>(true, false, P, H, p.rows, static_cast<const T*>(q.grad_h_all), P, ws + L.r, Wd, false,
             static_cast<T*>(q.grad_w_hr), H);
 }
 
@@ -224,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
                                                          const std::optional<Tensor>& b_ih,
                                                          const std::optional<Tensor>& b_hh,
                                                          const std::optional<Tensor>& w_hr, c10::string_view mode_str,
-                                                         bool reverse) {
+                                                         bool reverse, bool save_workspace) {
   const Mode mode = parse_mode(mode_str);
   const LayerShape s = check_layer_args("rnn_layer", mode, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
   const auto dtype = input.scalar_type();
@@ -235,17 +271,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   const Tensor x = as_math(input), h0 = as_math(hx), wi = as_math(w_ih), wh = as_math(w_hh);
   const auto c0 = lstm ? as_math(cx) : std::nullopt;
   const auto bi = as_math(b_ih), bh = as_math(b_hh), wr = as_math(w_hr);
+  // Transposed once per call, read by every step's GEMM (1 MB each at H = 512).
+  const Tensor wi_t = wi.t().contiguous(), wh_t = wh.t().contiguous();
+  const Tensor wr_t = wr ? wr->t().contiguous() : Tensor();
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = P;
   Tensor output = at::empty(out_shape, mopts);
   Tensor hy = at::empty({s.batch, P}, mopts);
   Tensor cy = lstm ? at::empty({s.batch, s.hidden}, mopts) : at::empty({0}, input.options());
-  Tensor workspace = at::empty({s.rows, workspace_layout(mode, s.hidden, s.proj).width}, mopts);
-  Tensor gates_x = at::empty({s.rows, GH}, mopts), gates_h = at::empty({s.batch, GH}, mopts);
+  Tensor workspace = save_workspace ? at::empty({s.rows, workspace_layout(mode, s.hidden, s.proj).width}, mopts)
+                                    : at::empty({0}, mopts);
+  // Input projection in chunks of ~256 rows: large enough for an efficient GEMM, small enough to stay
+  // in L2 until the steps read it (a whole-sequence buffer is 32 MB at T = 128, B = 32, 4H = 2048).
+  const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
+  Tensor gates_x = at::empty({std::min(s.rows, chunk_steps * s.batch), GH}, mopts);
+  Tensor gates_h = at::empty({s.batch, GH}, mopts);
+  Tensor h_state = at::empty({s.batch, P}, mopts);
+  Tensor c_state = lstm ? at::empty({s.batch, s.hidden}, mopts) : Tensor();
+  Tensor r_state = s.proj > 0 ? at::empty({s.batch, s.hidden}, mopts) : Tensor();
 
   LayerParams p;
   fill_layer(p, s, reverse);
   p.dtype = to_dtype(dtype);
+  p.chunk_steps = chunk_steps;
   p.input = x.data_ptr();
   p.h0 = h0.data_ptr();
   p.c0 = ptr(c0);
@@ -254,12 +302,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   p.b_ih = ptr(bi);
   p.b_hh = ptr(bh);
   p.w_hr = ptr(wr);
+  p.w_ih_t = wi_t.data_ptr();
+  p.w_hh_t = wh_t.data_ptr();
+  p.w_hr_t = wr ? wr_t.data_ptr() : nullptr;
   p.output = output.data_ptr();
   p.hy = hy.data_ptr();
   p.cy = lstm ? cy.data_ptr() : nullptr;
-  p.workspace = workspace.data_ptr();
+  p.workspace = save_workspace ? workspace.data_ptr() : nullptr;
   p.gates_x = gates_x.data_ptr();
   p.gates_h = gates_h.data_ptr();
+  p.h_state = h_state.data_ptr();
+  p.c_state = lstm ? c_state.data_ptr() : nullptr;
+  p.r_state = s.proj > 0 ? r_state.data_ptr() : nullptr;
   if (s.rows > 0) {
     p.dtype == DType::kFloat64 ? layer_forward<double>(p) : layer_forward<float>(p);
   } else {
@@ -286,7 +340,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
   const int64_t width = workspace_layout(mode, H, s.proj).width;
   TORCH_CHECK(workspace.scalar_type() == mtype && workspace.sizes() == c10::IntArrayRef({s.rows, width}), op,
               ": workspace must be the ", mtype, " tensor of shape ", shape_str({s.rows, width}),
-              " that rnn_layer returned, got ", workspace.scalar_type(), " ", shape_str(workspace.sizes()));
+              " that rnn_layer returned with save_workspace=True, got ", workspace.scalar_type(), " ",
+              shape_str(workspace.sizes()));
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = P;
   SameKind same(op, input, "input");

@@ -1,13 +1,26 @@
-// Row-major GEMM on raw pointers for the recurrent layers: C = alpha * op(A) op(B) + beta * C.
+// Row-major GEMM on raw pointers for the recurrent layers: C = op(A) op(B) (+ C).
 //
 // The time loop issues ~3 GEMMs per step, a few hundred microseconds each at batch 32, hidden 512;
-// going through at::mm would add a tensor wrap and a dispatch per call. torch's x86 wheels link MKL and
-// export its Fortran BLAS (sgemm_, dgemm_), which is what at::mm itself ends in for fp32/fp64
-// (ATen/native/CPUBlas.cpp). The symbols are declared weak: where a torch build has no BLAS exported
-// (e.g. some ARM wheels), the same call goes through at::Tensor::addmm_ on views of the buffers.
+// going through at::mm would add a tensor wrap and a dispatch per call. Two backends, both BLAS that
+// torch ships:
+//
+// * fp32 on AVX-512: at::native::cpublas::brgemm, oneDNN's batch-reduce GEMM micro-kernel (JIT, the
+//   kernel oneDNN's own RNN primitive uses). We tile C into 32 x 32 blocks over at::parallel_for. On
+//   an AMD EPYC (Zen 5) core it runs 32x512 @ 512x2048 at ~190 GFLOP/s where MKL's sgemm, which
+//   takes its AVX2 path on non-Intel CPUs, runs at ~77 (benchmarks/RESULTS.md). brgemm takes plain
+//   row-major operands, so transposed operands are copied once (callers pass weights pre-transposed).
+// * otherwise (fp64, builds without AVX-512): MKL's Fortran sgemm_/dgemm_, which torch's x86 wheels
+//   export and at::mm itself ends in. They are declared weak: a torch without them exported gets
+//   at::Tensor::addmm_ on views of the buffers.
+//
+// Every output tile is computed by one thread with a fixed reduction order, so results do not depend
+// on how tiles are spread over threads: bit-identical run to run.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -20,6 +33,12 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const int* ldc) __attribute__((weak));
 }
 
+#if defined(CPUBLAS_BRGEMM_F32F32F32) && defined(__AVX512F__)
+#define FASTDL_RNN_BRGEMM 1
+#else
+#define FASTDL_RNN_BRGEMM 0
+#endif
+
 namespace fastdl::rnn::cpu {
 
 template <typename T>
@@ -27,42 +46,80 @@ inline at::ScalarType scalar_type_of() {
   return std::is_same_v<T, double> ? at::kDouble : at::kFloat;
 }
 
-// C[M, N] (row stride ldc) = alpha * op(A) * op(B) + beta * C, with op(A) [M, K] and op(B) [K, N];
+#if FASTDL_RNN_BRGEMM
+// C[M, N] (+)= A[M, K] B[K, N], all row-major, in 32 x 32 tiles of C. A tile costs 2 * 32 * 32 * K
+// FLOPs (1 MFLOP at K = 512, ~5 us); below ~64 tiles' worth of work a thread handoff is not worth it.
+inline void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                      bool add_C, float* C, int64_t ldc) {
+  constexpr int64_t kTile = 32;
+  const int64_t mt = (M + kTile - 1) / kTile, nt = (N + kTile - 1) / kTile;
+  const int64_t tiles = mt * nt;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, 2 * kTile * kTile * K));
+  at::parallel_for(0, tiles, tiles * kTile * kTile * K < (int64_t(1) << 20) ? tiles : grain,
+                   [&](int64_t begin, int64_t end) {
+                     // Row-block-major: a thread keeps its A block (32 x K, 64 KB at K = 512) in L1/L2 over the row of tiles.
+                     for (int64_t tile = begin; tile < end; ++tile) {
+                       const int64_t m0 = (tile / nt) * kTile, n0 = (tile % nt) * kTile;
+                       const int64_t m = std::min(kTile, M - m0), n = std::min(kTile, N - n0);
+                       at::native::cpublas::brgemm(m, n, K, lda, ldb, ldc, add_C, A + m0 * lda, B + n0,
+                                                   C + m0 * ldc + n0, /*is_vnni=*/false);
+                     }
+                     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+                   });
+}
+#endif
+
+// C[M, N] (row stride ldc) = op(A) op(B) + (accumulate ? C : 0), with op(A) [M, K] and op(B) [K, N];
 // trans_a: A is stored [K, M] (row stride lda), trans_b: B is stored [N, K] (row stride ldb).
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, T alpha, const T* A, int64_t lda, const T* B,
-          int64_t ldb, T beta, T* C, int64_t ldc) {
+void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+          int64_t ldb, bool accumulate, T* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  const auto opts = at::TensorOptions().dtype(scalar_type_of<T>());
+  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
+  if (K == 0) {
+    if (!accumulate) c.zero_();
+    return;
+  }
+#if FASTDL_RNN_BRGEMM
+  if constexpr (std::is_same_v<T, float>) {
+    at::Tensor a_copy, b_copy;
+    if (trans_a) {
+      a_copy = at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t().contiguous();
+      A = a_copy.data_ptr<T>(), lda = K;
+    }
+    if (trans_b) {
+      b_copy = at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t().contiguous();
+      B = b_copy.data_ptr<T>(), ldb = N;
+    }
+    brgemm_nn(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+    return;
+  }
+#endif
   constexpr int64_t kIntMax = std::numeric_limits<int>::max();
   const bool fits = M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax;
   const bool have_blas = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
-  if (have_blas && fits && K > 0) {
+  if (have_blas && fits) {
     // Column-major BLAS sees a row-major matrix as its transpose: C^T = op(B)^T op(A)^T.
     const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
     const int m = int(N), n = int(M), k = int(K);
     const int la = int(std::max<int64_t>(ldb, 1)), lb = int(std::max<int64_t>(lda, 1)), lc = int(std::max<int64_t>(ldc, 1));
+    const T one(1), beta(accumulate ? 1 : 0);
     if constexpr (std::is_same_v<T, float>) {
-      sgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+      sgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
     } else {
-      dgemm_(&ta, &tb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
+      dgemm_(&ta, &tb, &m, &n, &k, &one, B, &la, A, &lb, &beta, C, &lc);
     }
-    return;
-  }
-  const auto opts = at::TensorOptions().dtype(scalar_type_of<T>());
-  at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
-  if (K == 0) {
-    beta == T(0) ? c.zero_() : c.mul_(beta);
     return;
   }
   at::Tensor a = trans_a ? at::from_blob(const_cast<T*>(A), {K, M}, {lda, 1}, opts).t()
                          : at::from_blob(const_cast<T*>(A), {M, K}, {lda, 1}, opts);
   at::Tensor b = trans_b ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
                          : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);
-  if (beta == T(0)) {
-    at::mm_out(c, a, b);
-    if (alpha != T(1)) c.mul_(alpha);
+  if (accumulate) {
+    c.addmm_(a, b);
   } else {
-    c.addmm_(a, b, beta, alpha);
+    at::mm_out(c, a, b);
   }
 }
 

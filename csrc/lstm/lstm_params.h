@@ -38,11 +38,12 @@ struct CellFwdParams {
   int64_t h_prev_stride = 0;
   const void* c_prev = nullptr;  // [batch, H] LSTM only
   int64_t c_prev_stride = 0;
-  void* h_out = nullptr;         // [batch, H] new hidden state (LSTM with projection: o * tanh(c), before W_hr)
+  void* h_out = nullptr;         // [batch, H] new hidden state (LSTM with projection: o * tanh(c), before W_hr);
+                                 // may alias h_prev, and c_out may alias c_prev: each element is read first
   int64_t h_out_stride = 0;
   void* c_out = nullptr;         // [batch, H] LSTM only
   int64_t c_out_stride = 0;
-  void* saved = nullptr;         // [batch, num_saved * H]
+  void* saved = nullptr;         // [batch, num_saved * H], or nullptr (inference)
   int64_t saved_stride = 0;
 };
 
@@ -113,6 +114,7 @@ struct LayerParams {
   bool reverse = false;
   int64_t seq_len = 0, batch = 0, rows = 0;  // T, B = batch_sizes[0], N = sum(batch_sizes)
   int64_t input_size = 0, hidden = 0, proj = 0;  // I, H, P (0: no projection, the state is H wide)
+  int64_t chunk_steps = 1;               // steps per input-projection GEMM (gates_x holds chunk_steps * B rows)
   const int64_t* batch_sizes = nullptr;  // [T], host memory
   const int64_t* offsets = nullptr;      // [T], host memory: first row of each step
   const void* input = nullptr;   // [N, I]
@@ -123,12 +125,20 @@ struct LayerParams {
   const void* b_ih = nullptr;    // [G*H] or nullptr
   const void* b_hh = nullptr;    // [G*H] or nullptr
   const void* w_hr = nullptr;    // [P, H] LSTM projection or nullptr
+  // The same weights transposed ([I, G*H], [P, G*H], [H, P]), or nullptr: the CPU forward's GEMMs
+  // read them row-major.
+  const void* w_ih_t = nullptr;
+  const void* w_hh_t = nullptr;
+  const void* w_hr_t = nullptr;
   void* output = nullptr;        // [N, P or H]
   void* hy = nullptr;            // [B, P or H]
   void* cy = nullptr;            // [B, H] LSTM
-  void* workspace = nullptr;     // [N, workspace_layout().width]
-  void* gates_x = nullptr;       // [N, G*H] scratch: x W_ih^T for every step
+  void* workspace = nullptr;     // [N, workspace_layout().width], or nullptr (inference: nothing saved)
+  void* gates_x = nullptr;       // [chunk_steps * B, G*H] scratch: x W_ih^T + biases of a chunk of steps
   void* gates_h = nullptr;       // [B, G*H] scratch: h W_hh^T of one step
+  void* h_state = nullptr;       // [B, P or H] scratch: the running hidden state
+  void* c_state = nullptr;       // [B, H] scratch: the running cell state (LSTM)
+  void* r_state = nullptr;       // [B, H] scratch: o * tanh(c) before the projection (LSTM with proj_size)
 };
 
 // The backward through time of one layer-direction. Incoming gradients may be nullptr (zero).

@@ -64,7 +64,7 @@ def _check_one_device(op: str, **tensors: Optional[Tensor]) -> None:
 
 
 @torch.library.register_fake("fastdl::rnn_layer")
-def _rnn_layer_fake(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse):
+def _rnn_layer_fake(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse, save_workspace=True):
     _check_one_device("rnn_layer", input=input, hx=hx, cx=cx, w_ih=w_ih, w_hh=w_hh, b_ih=b_ih, b_hh=b_hh, w_hr=w_hr)
     hidden = w_ih.shape[0] // _GATES[mode]
     proj = w_hr.shape[0] if w_hr is not None else 0
@@ -74,7 +74,8 @@ def _rnn_layer_fake(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mo
     output = input.new_empty((*input.shape[:-1], state))
     hy = input.new_empty((batch, state))
     cy = input.new_empty((batch, hidden)) if mode == "LSTM" else input.new_empty((0,))
-    workspace = input.new_empty((rows, _workspace_width(mode, hidden, proj)), dtype=_math_dtype(input.dtype))
+    ws_shape = (rows, _workspace_width(mode, hidden, proj)) if save_workspace else (0,)
+    workspace = input.new_empty(ws_shape, dtype=_math_dtype(input.dtype))
     return output, hy, cy, workspace
 
 
@@ -104,8 +105,9 @@ _LAYER_ARGS = _arg_names(torch.ops.fastdl.rnn_layer)
 
 
 def _rnn_layer_setup(ctx, inputs, output):
-    input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse = inputs
+    input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode, reverse = inputs[:11]
     ctx.mode, ctx.reverse = mode, reverse
+    ctx.saved_workspace = inputs[11] if len(inputs) > 11 else True
     ctx.has_b_ih, ctx.has_b_hh = b_ih is not None, b_hh is not None
     ctx.save_for_backward(input, batch_sizes, hx, w_ih, w_hh, w_hr, output[3])
     ctx.mark_non_differentiable(output[3])
@@ -113,6 +115,8 @@ def _rnn_layer_setup(ctx, inputs, output):
 
 def _rnn_layer_backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
     input, batch_sizes, hx, w_ih, w_hh, w_hr, workspace = ctx.saved_tensors
+    if not ctx.saved_workspace:
+        raise RuntimeError("rnn_layer: backward needs the workspace; call the op with save_workspace=True")
     lstm = ctx.mode == "LSTM"
     (g_input, g_hx, g_cx, g_w_ih, g_w_hh, g_b_ih, g_b_hh, g_w_hr) = torch.ops.fastdl.rnn_layer_backward(
         grad_output, grad_hy, grad_cy if lstm else None, input, batch_sizes, hx, w_ih, w_hh, w_hr, workspace,
@@ -163,8 +167,11 @@ def rnn_layer(
     """
     if mode not in MODES:
         raise ValueError(f"rnn_layer: mode must be one of {MODES}, got {mode!r}")
+    # The workspace (activations for the backward) is only written when a gradient will be asked for.
+    tensors = (input, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     output, hy, cy, _ = torch.ops.fastdl.rnn_layer(input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr, mode,
-                                                   reverse)
+                                                   reverse, save)
     return output, hy, (cy if mode == "LSTM" else None)
 
 

@@ -203,6 +203,9 @@ def test_layer_opcheck(mode: str, packed: bool) -> None:
     positional = [args["input"], args["batch_sizes"], args["hx"], args["cx"], args["w_ih"], args["w_hh"],
                   args["b_ih"], args["b_hh"], args["w_hr"], mode, True]
     torch.library.opcheck(torch.ops.fastdl.rnn_layer.default, positional, test_utils=OPCHECK_UTILS)
+    # Inference: no workspace.
+    no_grad = [a.detach() if isinstance(a, torch.Tensor) else a for a in positional]
+    torch.library.opcheck(torch.ops.fastdl.rnn_layer.default, no_grad + [False], test_utils=OPCHECK_UTILS)
 
 
 def test_layer_compiles_fullgraph() -> None:
