@@ -56,14 +56,15 @@ struct Row {
   static T* at(void* base, int64_t stride, int64_t b) { return base ? static_cast<T*>(base) + b * stride : nullptr; }
 };
 
+// Row b, hidden units [j0, j1) of one forward cell step.
 template <typename T>
-void cell_forward(const CellFwdParams& p) {
+inline void cell_forward_block(const CellFwdParams& p, int64_t b, int64_t j0, int64_t j1) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const int64_t H = p.hidden;
   const T* b_ih = static_cast<const T*>(p.b_ih);
   const T* b_hh = static_cast<const T*>(p.b_hh);
-  parallel_rows(p.batch, H, [&](int64_t b, int64_t j0, int64_t j1) {
+  {
     const T* ig = Row<T>::at(p.igates, p.igates_stride, b);
     const T* hg = Row<T>::at(p.hgates, p.hgates_stride, b);
     T* h = Row<T>::at(p.h_out, p.h_out_stride, b);
@@ -115,7 +116,12 @@ void cell_forward(const CellFwdParams& p) {
         if (s) store(hy, s + j, n);
       }
     }
-  });
+  }
+}
+
+template <typename T>
+void cell_forward(const CellFwdParams& p) {
+  parallel_rows(p.batch, p.hidden, [&](int64_t b, int64_t j0, int64_t j1) { cell_forward_block<T>(p, b, j0, j1); });
 }
 
 template <typename T>

@@ -37,23 +37,46 @@ void zero_rows(int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
   for (int64_t b = 0; b < rows; ++b) std::fill(dst + b * dst_stride, dst + b * dst_stride + cols, T(0));
 }
 
-// out [M, N] = dG^T X for dG [rows, M] and X [rows, N]: the gradient of a weight W [M, N] used as x W^T.
-// Computed as (X^T dG)^T, so that the operand brgemm needs transposed is X (the input, N wide) rather than
-// the 4H-wide gate gradients.
-template <typename T>
-void weight_grad(int64_t M, int64_t N, int64_t rows, const T* dG, int64_t ldg, const T* X, int64_t ldx, T* out) {
-  const auto opts = at::TensorOptions().dtype(cpu::scalar_type_of<T>());
-  at::Tensor tmp = at::empty({N, M}, opts);  // W^T
-  gemm<T>(true, false, N, M, rows, X, ldx, dG, ldg, false, tmp.data_ptr<T>(), M);
-  at::from_blob(out, {M, N}, opts).copy_(tmp.t());
-}
-
 // Step index of the k-th step in processing order.
 inline int64_t step_at(const LayerParams& p, int64_t k) { return p.reverse ? p.seq_len - 1 - k : k; }
 // Rows of the k-th processed step; 0 outside [0, T).
 inline int64_t rows_at(const LayerParams& p, int64_t k) {
   return k < 0 || k >= p.seq_len ? 0 : p.batch_sizes[step_at(p, k)];
 }
+
+#if FASTDL_RNN_BRGEMM
+// C[m, n] = A[m, K] B[K, n] (row-major, leading dimensions given) in one thread, K in chunks of 512.
+inline void brgemm_block(int64_t m, int64_t n, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                         float* C, int64_t ldc) {
+  constexpr int64_t kChunk = 512;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk)
+    at::native::cpublas::brgemm(m, n, std::min(kChunk, K - k0), lda, ldb, ldc, k0 > 0, A + k0, B + k0 * ldb, C,
+                                /*is_vnni=*/false);
+}
+
+// One forward step (fp32) in a single parallel region: a task takes 32 hidden units x 32 rows, runs
+// the recurrent GEMM for the units' G gate columns (G brgemm calls of 32 x 32 x P), then the cell on the
+// same block while its gates are in L1. One region per step instead of two (GEMM, then cell): a step
+// is ~0.2 ms at H = 512, and each region is a fork/join of the thread pool. The cell writes h to a
+// buffer other than h_prev, which other tasks are still reading.
+void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_t, float* gh) {
+  constexpr int64_t kBlock = 32;
+  const int64_t H = c.hidden, GH = num_gates(c.mode) * H, bs = c.batch;
+  const int64_t jt = (H + kBlock - 1) / kBlock, mt = (bs + kBlock - 1) / kBlock;
+  const int64_t tasks = jt * mt;
+  const bool small = bs * GH * P < (int64_t(1) << 19);
+  at::parallel_for(0, tasks, small ? tasks : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = (task % jt) * kBlock, m0 = (task / jt) * kBlock;
+      const int64_t n = std::min(kBlock, H - j0), m = std::min(kBlock, bs - m0);
+      for (int64_t k = 0; k < num_gates(c.mode); ++k)
+        brgemm_block(m, n, P, h_prev + m0 * P, P, w_hh_t + k * H + j0, GH, gh + m0 * GH + k * H + j0, GH);
+      for (int64_t b = m0; b < m0 + m; ++b) cpu::cell_forward_block<float>(c, b, j0, j0 + n);
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+#endif
 
 template <typename T>
 void layer_forward(const LayerParams& p) {
@@ -85,10 +108,12 @@ void layer_forward(const LayerParams& p) {
     for (int64_t j = 0; j < GH; ++j) bias_x[j] = (b_ih ? b_ih[j] : T(0)) + (b_hh && !gru ? b_hh[j] : T(0));
   }
 
-  // The state buffers start as h0 / c0 for every row. A row joins the recurrence when its sequence
-  // starts (every row at the first step, or later in a reverse pass over a packed batch) and is not
-  // touched after its sequence ends, so at the end they hold hy / cy.
+  // The state buffers start as h0 / c0 for every row: a row joins the recurrence when its sequence
+  // starts (every row at the first step, or later in a reverse pass over a packed batch). h ping-pongs
+  // between two buffers (a step reads one, writes the other); c is updated in place.
+  T* h_next = hs + B * P;
   std::memcpy(hs, p.h0, B * P * sizeof(T));
+  std::memcpy(h_next, p.h0, B * P * sizeof(T));
   if (lstm) std::memcpy(cs, p.c0, B * H * sizeof(T));
 
   int64_t chunk_row0 = 0;
@@ -110,8 +135,6 @@ void layer_forward(const LayerParams& p) {
       copy_rows(bs, P, hs, P, row + L.hprev, Wd);
       if (lstm) copy_rows(bs, H, cs, H, row + L.cprev, Wd);
     }
-    gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, hh_t ? P : GH, false, gh, GH);
-
     CellFwdParams c;
     c.mode = p.mode;
     c.dtype = p.dtype;
@@ -126,22 +149,63 @@ void layer_forward(const LayerParams& p) {
       c.c_out = cs, c.c_out_stride = H;
     }
     T* r = proj ? (row ? row + L.r : static_cast<T*>(p.r_state)) : nullptr;
-    c.h_out = proj ? r : hs;
+    c.h_out = proj ? r : h_next;
     c.h_out_stride = proj ? (row ? Wd : H) : P;
     c.saved = row ? row + L.saved : nullptr, c.saved_stride = Wd;
-    cpu::cell_forward<T>(c);
+#if FASTDL_RNN_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (!hh_t) {
+        fused_step(c, hs, P, w_hh, gh);
+      } else {
+        gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, P, false, gh, GH);
+        cpu::cell_forward<T>(c);
+      }
+    } else
+#endif
+    {
+      gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, hh_t ? P : GH, false, gh, GH);
+      cpu::cell_forward<T>(c);
+    }
     if (row && lstm) copy_rows(bs, H, cs, H, row + L.c, Wd);
     if (proj) {
       gemm<T>(false, hr_t, bs, P, H, r, c.h_out_stride, w_hr, hr_t ? H : P, false, out + off * P, P);
-      std::memcpy(hs, out + off * P, bs * P * sizeof(T));
+      std::memcpy(h_next, out + off * P, bs * P * sizeof(T));
     } else {
-      std::memcpy(out + off * P, hs, bs * P * sizeof(T));
+      std::memcpy(out + off * P, h_next, bs * P * sizeof(T));
     }
+    // Rows whose sequence ends here have their final state.
+    const int64_t next = rows_at(p, k + 1);
+    if (bs > next) std::memcpy(static_cast<T*>(p.hy) + next * P, h_next + next * P, (bs - next) * P * sizeof(T));
+    std::swap(hs, h_next);
   }
-  std::memcpy(p.hy, hs, B * P * sizeof(T));
   if (lstm) std::memcpy(p.cy, cs, B * H * sizeof(T));
 }
 
+// Rows [r0, r1) of the steps k_lo..k_hi (processing order): contiguous in either direction.
+inline std::pair<int64_t, int64_t> chunk_rows(const LayerParams& p, int64_t k_lo, int64_t k_hi) {
+  const int64_t ta = step_at(p, k_lo), tb = step_at(p, k_hi);
+  return {std::min(p.offsets[ta], p.offsets[tb]),
+          std::max(p.offsets[ta] + p.batch_sizes[ta], p.offsets[tb] + p.batch_sizes[tb])};
+}
+
+// [rows, cols] (row stride ld) -> a new contiguous [cols, rows].
+template <typename T>
+at::Tensor transposed(const T* src, int64_t rows, int64_t cols, int64_t ld) {
+  const auto opts = at::TensorOptions().dtype(cpu::scalar_type_of<T>());
+  return at::from_blob(const_cast<T*>(src), {rows, cols}, {ld, 1}, opts).t().contiguous();
+}
+
+template <typename T>
+void add_column_sums(const T* g, int64_t rows, int64_t cols, std::vector<double>& acc) {
+  std::vector<T> part(cols, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    at::vec::map2<T>([](Vec<T> a, Vec<T> b) { return a + b; }, part.data(), part.data(), g + r * cols, cols);
+  for (int64_t j = 0; j < cols; ++j) acc[j] += double(part[j]);
+}
+
+// Backward through time in chunks of steps (the forward's chunks, taken last to first): the gate
+// gradients of a chunk (~256 rows) stay in cache, and the chunk's share of d input and of every weight
+// gradient is one GEMM each with K = the chunk's rows, accumulated into W^T in chunk order.
 template <typename T>
 void layer_backward(const LayerBwdParams& q) {
   const LayerParams& p = q.fwd;
@@ -150,81 +214,109 @@ void layer_backward(const LayerBwdParams& q) {
   const bool lstm = p.mode == Mode::kLSTM, gru = p.mode == Mode::kGRU, proj = p.proj > 0;
   const WorkspaceLayout L = workspace_layout(p.mode, H, p.proj);
   const int64_t Wd = L.width;
+  const auto opts = at::TensorOptions().dtype(cpu::scalar_type_of<T>());
   const T* ws = static_cast<const T*>(p.workspace);
+  const T* X = static_cast<const T*>(p.input);
   const T* w_hh = static_cast<const T*>(p.w_hh);
   T* dgx = static_cast<T*>(q.grad_gates_x);
   T* dgh = gru ? static_cast<T*>(q.grad_gates_h) : dgx;
   T* dh = static_cast<T*>(q.grad_h);
   T* dc = static_cast<T*>(q.grad_c);
+  T* dh_all = static_cast<T*>(q.grad_h_all);
   const T* g_out = static_cast<const T*>(q.grad_output);
   const T* g_hy = static_cast<const T*>(q.grad_hy);
   const T* g_cy = static_cast<const T*>(q.grad_cy);
 
-  for (int64_t k = p.seq_len - 1; k >= 0; --k) {
-    const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
-    const T* row = ws + off * Wd;
-    // Rows whose sequence ended at this step in the forward start from d hy / d cy; the others
-    // carry d h_t, d c_t from the step after.
-    const int64_t next = rows_at(p, k + 1);
-    if (bs > next) {
-      g_hy ? copy_rows(bs - next, P, g_hy + next * P, P, dh + next * P, P) : zero_rows(bs - next, P, dh + next * P, P);
-      if (lstm)
-        g_cy ? copy_rows(bs - next, H, g_cy + next * H, H, dc + next * H, H) : zero_rows(bs - next, H, dc + next * H, H);
-    }
-    if (g_out) {
-      at::vec::map2<T>([](Vec<T> a, Vec<T> b) { return a + b; }, dh, dh, g_out + off * P, bs * P);
-    }
-    const T* grad_h = dh;
-    int64_t grad_h_stride = P;
-    if (proj) {
-      // h_t = r_t W_hr^T: keep d h_t for grad_w_hr, and d r_t = d h_t W_hr feeds the cell.
-      std::memcpy(static_cast<T*>(q.grad_h_all) + off * P, dh, bs * P * sizeof(T));
-      gemm<T>(false, false, bs, H, P, dh, P, static_cast<const T*>(p.w_hr), H, false, static_cast<T*>(q.grad_r), H);
-      grad_h = static_cast<const T*>(q.grad_r);
-      grad_h_stride = H;
+  at::Tensor w_ih_t = at::empty({I, GH}, opts), w_hh_t = at::empty({P, GH}, opts);
+  at::Tensor w_hr_t = proj ? at::empty({H, P}, opts) : at::Tensor();
+  std::vector<double> db_ih(GH, 0.0), db_hh(gru ? GH : 0, 0.0);
+  const int64_t nchunks = (p.seq_len + p.chunk_steps - 1) / p.chunk_steps;
+
+  for (int64_t chunk = nchunks - 1; chunk >= 0; --chunk) {
+    const int64_t k_lo = chunk * p.chunk_steps, k_hi = std::min(p.seq_len, k_lo + p.chunk_steps) - 1;
+    const auto [r0, r1] = chunk_rows(p, k_lo, k_hi);
+    for (int64_t k = k_hi; k >= k_lo; --k) {
+      const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
+      const T* row = ws + off * Wd;
+      // Rows whose sequence ended at this step in the forward start from d hy / d cy; the others
+      // carry d h_t, d c_t from the step after.
+      const int64_t next = rows_at(p, k + 1);
+      if (bs > next) {
+        g_hy ? copy_rows(bs - next, P, g_hy + next * P, P, dh + next * P, P) : zero_rows(bs - next, P, dh + next * P, P);
+        if (lstm)
+          g_cy ? copy_rows(bs - next, H, g_cy + next * H, H, dc + next * H, H) : zero_rows(bs - next, H, dc + next * H, H);
+      }
+      if (g_out) at::vec::map2<T>([](Vec<T> a, Vec<T> b) { return a + b; }, dh, dh, g_out + off * P, bs * P);
+      const T* grad_h = dh;
+      int64_t grad_h_stride = P;
+      if (proj) {
+        // h_t = r_t W_hr^T: keep d h_t for grad_w_hr, and d r_t = d h_t W_hr feeds the cell.
+        std::memcpy(dh_all + (off - r0) * P, dh, bs * P * sizeof(T));
+        gemm<T>(false, false, bs, H, P, dh, P, static_cast<const T*>(p.w_hr), H, false, static_cast<T*>(q.grad_r), H);
+        grad_h = static_cast<const T*>(q.grad_r);
+        grad_h_stride = H;
+      }
+
+      CellBwdParams c;
+      c.mode = p.mode;
+      c.dtype = p.dtype;
+      c.batch = bs;
+      c.hidden = H;
+      c.grad_h = grad_h, c.grad_h_stride = grad_h_stride;
+      c.saved = row + L.saved, c.saved_stride = Wd;
+      c.h_prev = row + L.hprev, c.h_prev_stride = Wd;
+      if (lstm) {
+        c.grad_c = dc, c.grad_c_stride = H;
+        c.c_prev = row + L.cprev, c.c_prev_stride = Wd;
+        c.c_out = row + L.c, c.c_out_stride = Wd;
+        c.grad_c_prev = dc, c.grad_c_prev_stride = H;
+      }
+      c.grad_igates = dgx + (off - r0) * GH, c.grad_igates_stride = GH;
+      if (gru) {
+        c.grad_hgates = dgh + (off - r0) * GH, c.grad_hgates_stride = GH;
+        c.grad_h_prev = dh, c.grad_h_prev_stride = P;  // z * d h, the W_hh path is added below
+      }
+      cpu::cell_backward<T>(c);
+      // d h_{t-1} (+)= d gates_h W_hh
+      gemm<T>(false, false, bs, P, GH, dgh + (off - r0) * GH, GH, w_hh, P, gru, dh, P);
+
+      // Rows that joined at this step took h0 / c0.
+      const int64_t joined = rows_at(p, k - 1);
+      if (bs > joined) {
+        copy_rows(bs - joined, P, dh + joined * P, P, static_cast<T*>(q.grad_h0) + joined * P, P);
+        if (lstm) copy_rows(bs - joined, H, dc + joined * H, H, static_cast<T*>(q.grad_c0) + joined * H, H);
+      }
     }
 
-    CellBwdParams c;
-    c.mode = p.mode;
-    c.dtype = p.dtype;
-    c.batch = bs;
-    c.hidden = H;
-    c.grad_h = grad_h, c.grad_h_stride = grad_h_stride;
-    c.saved = row + L.saved, c.saved_stride = Wd;
-    c.h_prev = row + L.hprev, c.h_prev_stride = Wd;
-    if (lstm) {
-      c.grad_c = dc, c.grad_c_stride = H;
-      c.c_prev = row + L.cprev, c.c_prev_stride = Wd;
-      c.c_out = row + L.c, c.c_out_stride = Wd;
-      c.grad_c_prev = dc, c.grad_c_prev_stride = H;
-    }
-    c.grad_igates = dgx + off * GH, c.grad_igates_stride = GH;
-    if (gru) {
-      c.grad_hgates = dgh + off * GH, c.grad_hgates_stride = GH;
-      c.grad_h_prev = dh, c.grad_h_prev_stride = P;  // z * d h, the W_hh path is added below
-    }
-    cpu::cell_backward<T>(c);
-    // d h_{t-1} (+)= d gates_h W_hh
-    gemm<T>(false, false, bs, P, GH, dgh + off * GH, GH, w_hh, P, gru, dh, P);
-
-    // Rows that joined at this step took h0 / c0.
-    const int64_t joined = rows_at(p, k - 1);
-    if (bs > joined) {
-      copy_rows(bs - joined, P, dh + joined * P, P, static_cast<T*>(q.grad_h0) + joined * P, P);
-      if (lstm) copy_rows(bs - joined, H, dc + joined * H, H, static_cast<T*>(q.grad_c0) + joined * H, H);
-    }
+    // This chunk's share of d input and of the weight gradients (W^T += operand^T d gates).
+    const int64_t nr = r1 - r0;
+    const bool acc = chunk != nchunks - 1;
+    if (q.grad_input)
+      gemm<T>(false, false, nr, I, GH, dgx, GH, static_cast<const T*>(p.w_ih), I, false,
+              static_cast<T*>(q.grad_input) + r0 * I, I);
+    gemm<T>(false, false, I, GH, nr, transposed(X + r0 * I, nr, I, I).template data_ptr<T>(), nr, dgx, GH, acc,
+            w_ih_t.data_ptr<T>(), GH);
+    gemm<T>(false, false, P, GH, nr, transposed(ws + r0 * Wd + L.hprev, nr, P, Wd).template data_ptr<T>(), nr, dgh,
+            GH, acc, w_hh_t.data_ptr<T>(), GH);
+    if (proj)
+      gemm<T>(false, false, H, P, nr, transposed(ws + r0 * Wd + L.r, nr, H, Wd).template data_ptr<T>(), nr, dh_all, P,
+              acc, w_hr_t.data_ptr<T>(), P);
+    if (q.grad_b_ih) add_column_sums(dgx, nr, GH, db_ih);
+    if (q.grad_b_ih && gru) add_column_sums(dgh, nr, GH, db_hh);
   }
 
-  // Weight gradients: one GEMM each over all N rows of the sequence.
-  const T* X = static_cast<const T*>(p.input);
-  weight_grad<T>(GH, I, p.rows, dgx, GH, X, I, static_cast<T*>(q.grad_w_ih));
-  if (q.grad_input)
-    gemm<T>(false, false, p.rows, I, GH, dgx, GH, static_cast<const T*>(p.w_ih), I, false,
-            static_cast<T*>(q.grad_input), I);
-  weight_grad<T>(GH, P, p.rows, dgh, GH, ws + L.hprev, Wd, static_cast<T*>(q.grad_w_hh));
-  if (proj)
-    gemm<T>(true, false, P, H, p.rows, static_cast<const T*>(q.grad_h_all), P, ws + L.r, Wd, false,
-            static_cast<T*>(q.grad_w_hr), H);
+  at::from_blob(q.grad_w_ih, {GH, I}, opts).copy_(w_ih_t.t());
+  at::from_blob(q.grad_w_hh, {GH, P}, opts).copy_(w_hh_t.t());
+  if (proj) at::from_blob(q.grad_w_hr, {P, H}, opts).copy_(w_hr_t.t());
+  // Bias gradients: column sums of the gate gradients, per chunk in T, across chunks in double.
+  if (q.grad_b_ih) {
+    T* bi = static_cast<T*>(q.grad_b_ih);
+    T* bh = static_cast<T*>(q.grad_b_hh);
+    for (int64_t j = 0; j < GH; ++j) {
+      bi[j] = T(db_ih[j]);
+      bh[j] = T(gru ? db_hh[j] : db_ih[j]);
+    }
+  }
 }
 
 // ---- op bodies ------------------------------------------------------------------------------------
@@ -286,7 +378,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
   Tensor gates_x = at::empty({std::min(s.rows, chunk_steps * s.batch), GH}, mopts);
   Tensor gates_h = at::empty({s.batch, GH}, mopts);
-  Tensor h_state = at::empty({s.batch, P}, mopts);
+  Tensor h_state = at::empty({2, s.batch, P}, mopts);
   Tensor c_state = lstm ? at::empty({s.batch, s.hidden}, mopts) : Tensor();
   Tensor r_state = s.proj > 0 ? at::empty({s.batch, s.hidden}, mopts) : Tensor();
 
@@ -362,15 +454,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
   Tensor grad_c0 = lstm ? at::empty({s.batch, H}, mopts) : at::empty({0}, input.options());
   Tensor grad_w_ih = at::empty({GH, s.input_size}, mopts), grad_w_hh = at::empty({GH, P}, mopts);
   Tensor grad_w_hr = s.proj > 0 ? at::empty({P, H}, mopts) : at::empty({0}, input.options());
-  Tensor dgx = at::empty({s.rows, GH}, mopts);
-  Tensor dgh = gru ? at::empty({s.rows, GH}, mopts) : dgx;
+  // Per-chunk scratch, as in the forward: chunk_steps * B rows of gate gradients.
+  const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
+  const int64_t chunk_rows = std::min(s.rows, chunk_steps * s.batch);
+  Tensor dgx = at::empty({chunk_rows, GH}, mopts);
+  Tensor dgh = gru ? at::empty({chunk_rows, GH}, mopts) : dgx;
   Tensor dh = at::empty({s.batch, P}, mopts), dc = at::empty({s.batch, H}, mopts);
-  Tensor dh_all = s.proj > 0 ? at::empty({s.rows, P}, mopts) : Tensor();
+  Tensor dh_all = s.proj > 0 ? at::empty({chunk_rows, P}, mopts) : Tensor();
   Tensor dr = s.proj > 0 ? at::empty({s.batch, H}, mopts) : Tensor();
+  Tensor grad_b_ih = has_bias ? at::empty({GH}, mopts) : at::empty({0}, input.options());
+  Tensor grad_b_hh = has_bias ? at::empty({GH}, mopts) : at::empty({0}, input.options());
 
   LayerBwdParams q;
   fill_layer(q.fwd, s, reverse);
   q.fwd.dtype = to_dtype(dtype);
+  q.fwd.chunk_steps = chunk_steps;
   q.fwd.input = x.data_ptr();
   q.fwd.w_ih = wi.data_ptr();
   q.fwd.w_hh = wh.data_ptr();
@@ -391,16 +489,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
   q.grad_c = dc.data_ptr();
   q.grad_h_all = s.proj > 0 ? dh_all.data_ptr() : nullptr;
   q.grad_r = s.proj > 0 ? dr.data_ptr() : nullptr;
+  q.grad_b_ih = has_bias ? grad_b_ih.data_ptr() : nullptr;
+  q.grad_b_hh = has_bias ? grad_b_hh.data_ptr() : nullptr;
   if (s.rows > 0) {
     q.fwd.dtype == DType::kFloat64 ? layer_backward<double>(q) : layer_backward<float>(q);
   } else {
-    for (Tensor* t : {&grad_input, &grad_w_ih, &grad_w_hh, &grad_w_hr}) t->zero_();
+    for (Tensor* t : {&grad_input, &grad_w_ih, &grad_w_hh, &grad_w_hr, &grad_b_ih, &grad_b_hh}) t->zero_();
     g_hy ? grad_h0.copy_(*g_hy) : grad_h0.zero_();
     if (lstm) g_cy ? grad_c0.copy_(*g_cy) : grad_c0.zero_();
   }
-  // Bias gradients: column sums of the gate gradients (torch's cascade sum, deterministic).
-  Tensor grad_b_ih = has_bias ? dgx.sum(0) : at::empty({0}, input.options());
-  Tensor grad_b_hh = has_bias ? (gru ? dgh.sum(0) : grad_b_ih.clone()) : at::empty({0}, input.options());
   return {to_result(grad_input, dtype), to_result(grad_h0, dtype), to_result(grad_c0, dtype),
           to_result(grad_w_ih, dtype), to_result(grad_w_hh, dtype), to_result(grad_b_ih, dtype),
           to_result(grad_b_hh, dtype), to_result(grad_w_hr, dtype)};

@@ -47,25 +47,31 @@ inline at::ScalarType scalar_type_of() {
 }
 
 #if FASTDL_RNN_BRGEMM
-// C[M, N] (+)= A[M, K] B[K, N], all row-major, in 32 x 32 tiles of C. A tile costs 2 * 32 * 32 * K
-// FLOPs (1 MFLOP at K = 512, ~5 us); below ~64 tiles' worth of work a thread handoff is not worth it.
+// C[M, N] (+)= A[M, K] B[K, N], all row-major, in 32 x 32 tiles of C, K in chunks of 512 accumulated in
+// place. The K chunks matter for the weight gradients, where K is every row of the sequence: one
+// brgemm call with K = 4096 streams a 512 KB strided B panel per tile and runs at ~28 GFLOP/s; chunks
+// of 512 run at ~150 (benchmarks/RESULTS.md). A tile-chunk costs 2 * 32 * 32 * 512 = 1 MFLOP (~5 us);
+// below ~1 MFLOP in all a thread handoff is not worth it.
 inline void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                       bool add_C, float* C, int64_t ldc) {
-  constexpr int64_t kTile = 32;
+  constexpr int64_t kTile = 32, kChunk = 512;
   const int64_t mt = (M + kTile - 1) / kTile, nt = (N + kTile - 1) / kTile;
   const int64_t tiles = mt * nt;
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, 2 * kTile * kTile * K));
-  at::parallel_for(0, tiles, tiles * kTile * kTile * K < (int64_t(1) << 20) ? tiles : grain,
-                   [&](int64_t begin, int64_t end) {
-                     // Row-block-major: a thread keeps its A block (32 x K, 64 KB at K = 512) in L1/L2 over the row of tiles.
-                     for (int64_t tile = begin; tile < end; ++tile) {
-                       const int64_t m0 = (tile / nt) * kTile, n0 = (tile % nt) * kTile;
-                       const int64_t m = std::min(kTile, M - m0), n = std::min(kTile, N - n0);
-                       at::native::cpublas::brgemm(m, n, K, lda, ldb, ldc, add_C, A + m0 * lda, B + n0,
-                                                   C + m0 * ldc + n0, /*is_vnni=*/false);
-                     }
-                     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
-                   });
+  const bool small = tiles * kTile * kTile * K < (int64_t(1) << 19);
+  at::parallel_for(0, tiles, small ? tiles : 1, [&](int64_t begin, int64_t end) {
+    // Each tile belongs to one thread, with a fixed order over K: results do not depend on threads.
+    for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+      const int64_t kc = std::min(kChunk, K - k0);
+      // Row-block-major: consecutive tiles of a thread share their A block (32 x 512, 64 KB).
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t m0 = (tile / nt) * kTile, n0 = (tile % nt) * kTile;
+        const int64_t m = std::min(kTile, M - m0), n = std::min(kTile, N - n0);
+        at::native::cpublas::brgemm(m, n, kc, lda, ldb, ldc, add_C || k0 > 0, A + m0 * lda + k0, B + k0 * ldb + n0,
+                                    C + m0 * ldc + n0, /*is_vnni=*/false);
+      }
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
 }
 #endif
 

@@ -136,7 +136,7 @@ struct LayerParams {
   void* workspace = nullptr;     // [N, workspace_layout().width], or nullptr (inference: nothing saved)
   void* gates_x = nullptr;       // [chunk_steps * B, G*H] scratch: x W_ih^T + biases of a chunk of steps
   void* gates_h = nullptr;       // [B, G*H] scratch: h W_hh^T of one step
-  void* h_state = nullptr;       // [B, P or H] scratch: the running hidden state
+  void* h_state = nullptr;       // [2, B, P or H] scratch: the running hidden state (read one, write the other)
   void* c_state = nullptr;       // [B, H] scratch: the running cell state (LSTM)
   void* r_state = nullptr;       // [B, H] scratch: o * tanh(c) before the projection (LSTM with proj_size)
 };
@@ -152,14 +152,14 @@ struct LayerBwdParams {
   void* grad_c0 = nullptr;           // [B, H] LSTM
   void* grad_w_ih = nullptr;         // [G*H, I]
   void* grad_w_hh = nullptr;         // [G*H, P]
-  void* grad_b_ih = nullptr;         // [G*H] or nullptr
+  void* grad_b_ih = nullptr;         // [G*H] or nullptr (no biases: both nullptr)
   void* grad_b_hh = nullptr;         // [G*H] or nullptr
   void* grad_w_hr = nullptr;         // [P, H] or nullptr
-  void* grad_gates_x = nullptr;      // [N, G*H] scratch: d (x W_ih^T) of every step
-  void* grad_gates_h = nullptr;      // [N, G*H] scratch (GRU; others share grad_gates_x)
+  void* grad_gates_x = nullptr;      // [chunk_steps * B, G*H] scratch: d (x W_ih^T) of a chunk of steps
+  void* grad_gates_h = nullptr;      // [chunk_steps * B, G*H] scratch (GRU; others share grad_gates_x)
   void* grad_h = nullptr;            // [B, P] scratch: running d loss / d h
   void* grad_c = nullptr;            // [B, H] scratch: running d loss / d c (LSTM)
-  void* grad_h_all = nullptr;        // [N, P] scratch (projection): d loss / d h_t of every step, for grad_w_hr
+  void* grad_h_all = nullptr;        // [chunk_steps * B, P] scratch (projection): d loss / d h_t, for grad_w_hr
   void* grad_r = nullptr;            // [B, H] scratch (projection): d loss / d (o * tanh(c_t)) of one step
 };
 
