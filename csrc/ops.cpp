@@ -117,6 +117,51 @@ TORCH_LIBRARY(fastdl, m) {
   m.def(
       "causal_conv1d_update(Tensor x, Tensor(a!) conv_state, Tensor weight, Tensor? bias, bool silu) -> Tensor");
   // ---- end selective scan and causal conv1d ---------------------------------------------------------
+
+  // ---- recurrent cells and layers: LSTM, GRU, tanh/ReLU RNN (csrc/lstm/) ---------------------------
+  // Gate order is PyTorch's: LSTM i, f, g, o; GRU r, z, n with n = tanh(x_n + r * (W_hn h + b_hn)).
+  // Inputs are fp32, fp64 or bf16 (computed in fp32); `workspace` outputs hold what the backward needs,
+  // in the math dtype (fp32 for bf16). Empty [0] tensors stand for outputs a mode does not have.
+
+  // One layer in one direction over a whole sequence, time loop in C++. input [T, B, I], or packed
+  // [N, I] with batch_sizes [T] (PackedSequence layout, non-increasing, int64 on CPU); hx [B, P];
+  // cx [B, H] (LSTM only); w_ih [G*H, I], w_hh [G*H, P], b_* [G*H], w_hr [P, H] (LSTM proj_size; P = H
+  // without). mode: "LSTM", "GRU", "RNN_TANH", "RNN_RELU"; reverse runs t = T-1 .. 0.
+  // Returns output [T, B, P] (or [N, P]), hy [B, P], cy [B, H] (LSTM, else [0]), workspace ([0] when
+  // save_workspace is False: inference, no backward).
+  m.def(
+      "rnn_layer(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor? cx, Tensor w_ih, Tensor w_hh, "
+      "Tensor? b_ih, Tensor? b_hh, Tensor? w_hr, str mode, bool reverse, bool save_workspace=True) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Backward through time of rnn_layer. Missing incoming grads are zeros. Returns grad_input ([0] unless
+  // input_grad), grad_hx, grad_cx, grad_w_ih, grad_w_hh, grad_b_ih, grad_b_hh ([0] unless has_bias),
+  // grad_w_hr ([0] without projection).
+  m.def(
+      "rnn_layer_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor? batch_sizes, "
+      "Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor workspace, str mode, bool reverse, bool has_bias, "
+      "bool input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Fused LSTM cell on the two GEMM outputs [B, 4H] (torch's _thnn_fused_lstm_cell contract):
+  // returns hy [B, H], cy [B, H], workspace [B, 4H] (i, f, g, o after activation).
+  m.def(
+      "lstm_cell(Tensor input_gates, Tensor hidden_gates, Tensor cx, Tensor? input_bias=None, "
+      "Tensor? hidden_bias=None) -> (Tensor, Tensor, Tensor)");
+  // Backward of lstm_cell: returns grad_gates [B, 4H] (of both GEMM outputs and biases) and grad_cx.
+  m.def(
+      "lstm_cell_backward(Tensor? grad_hy, Tensor? grad_cy, Tensor cx, Tensor cy, Tensor workspace) "
+      "-> (Tensor, Tensor)");
+  // Fused GRU cell on the two GEMM outputs [B, 3H]: returns hy [B, H], workspace [B, 4H] (r, z, n, W_hn h + b_hn).
+  m.def(
+      "gru_cell(Tensor input_gates, Tensor hidden_gates, Tensor hx, Tensor? input_bias=None, "
+      "Tensor? hidden_bias=None) -> (Tensor, Tensor)");
+  // Backward of gru_cell: grad_input_gates, grad_hidden_gates [B, 3H] and the direct grad_hx (z * grad_hy).
+  m.def("gru_cell_backward(Tensor grad_hy, Tensor hx, Tensor workspace) -> (Tensor, Tensor, Tensor)");
+  // Fused tanh (or ReLU) RNN cell on the two GEMM outputs [B, H]: returns hy, workspace (hy in the math dtype).
+  m.def(
+      "rnn_cell(Tensor input_gates, Tensor hidden_gates, Tensor? input_bias=None, Tensor? hidden_bias=None, *, "
+      "bool relu=False) -> (Tensor, Tensor)");
+  // Backward of rnn_cell: grad_gates [B, H] (of both GEMM outputs and biases).
+  m.def("rnn_cell_backward(Tensor grad_hy, Tensor workspace, *, bool relu=False) -> Tensor");
+  // ---- end of recurrent ops ------------------------------------------------------------------------
 }
 
 namespace fastdl::optim {

@@ -3,12 +3,19 @@ state_dict keys, so that weights load either way."""
 
 from fastdl.nn.attention import Attention, KVCache, MultiheadAttention
 from fastdl.nn.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_emb, swiglu_hidden_dim
+from fastdl.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __all__ = [
+    "GRU",
+    "LSTM",
+    "RNN",
     "Attention",
+    "GRUCell",
     "KVCache",
+    "LSTMCell",
     "MultiheadAttention",
     "RMSNorm",
+    "RNNCell",
     "RotaryEmbedding",
     "SwiGLU",
     "apply_rotary_emb",

@@ -1,7 +1,7 @@
 """Python entry points of fastdl's kernels: one module per kernel family, each with the fast op,
 its fake (meta) implementation for torch.compile, and a pure-PyTorch reference beside it."""
 
-from fastdl.ops import flash_attn, fused_optim  # noqa: F401
+from fastdl.ops import flash_attn, fused_optim, rnn  # noqa: F401
 from fastdl.ops.causal_conv1d import (
     causal_conv1d_fn,
     causal_conv1d_ref,

@@ -1,0 +1,175 @@
+// The fused cell steps on CPU: one pass per row over the gate blocks, in at::vec registers.
+//
+// Forward reads igates, hgates and both biases, applies the gate activations and writes the new state
+// and the saved activations; backward reads those and writes the pre-activation gradients. Each output
+// element depends on its own column only, so rows x column blocks split across threads with results
+// independent of the split (bit-identical run to run). sigmoid and tanh are torch's own vectorized
+// versions (Sleef exp / tanh, 1 ulp), so the forward matches torch.nn.LSTM to a few ulp.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+
+#include "common/cpu_utils.h"
+#include "lstm/lstm_params.h"
+
+namespace fastdl::rnn::cpu {
+
+using fastdl::cpu::Vec;
+
+template <typename T>
+inline Vec<T> load(const T* p, int64_t n) {
+  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
+}
+template <typename T>
+inline void store(const Vec<T>& v, T* p, int64_t n) {
+  n == Vec<T>::size() ? v.store(p) : v.store(p, n);
+}
+template <typename T>
+inline Vec<T> sigmoid(const Vec<T>& x) {
+  const Vec<T> one(T(1));
+  return one / (one + x.neg().exp());
+}
+
+// Runs fn(row, col_begin, col_end) over batch x hidden in blocks of kBlock columns, so that one row
+// of a wide layer still splits across cores. A task below ~8K elements is not worth a thread handoff.
+template <typename Fn>
+void parallel_rows(int64_t batch, int64_t hidden, const Fn& fn) {
+  constexpr int64_t kBlock = 256;
+  const int64_t nblk = (hidden + kBlock - 1) / kBlock;
+  const int64_t tasks = batch * nblk;
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::min(hidden, kBlock));
+  at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / nblk, j0 = (task % nblk) * kBlock;
+      fn(b, j0, std::min(hidden, j0 + kBlock));
+    }
+  });
+}
+
+template <typename T>
+struct Row {
+  // Element (b, col) of a [rows, stride] matrix, or nullptr.
+  static const T* at(const void* base, int64_t stride, int64_t b) {
+    return base ? static_cast<const T*>(base) + b * stride : nullptr;
+  }
+  static T* at(void* base, int64_t stride, int64_t b) { return base ? static_cast<T*>(base) + b * stride : nullptr; }
+};
+
+// Row b, hidden units [j0, j1) of one forward cell step.
+template <typename T>
+inline void cell_forward_block(const CellFwdParams& p, int64_t b, int64_t j0, int64_t j1) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  const int64_t H = p.hidden;
+  const T* b_ih = static_cast<const T*>(p.b_ih);
+  const T* b_hh = static_cast<const T*>(p.b_hh);
+  {
+    const T* ig = Row<T>::at(p.igates, p.igates_stride, b);
+    const T* hg = Row<T>::at(p.hgates, p.hgates_stride, b);
+    T* h = Row<T>::at(p.h_out, p.h_out_stride, b);
+    T* s = Row<T>::at(p.saved, p.saved_stride, b);
+    for (int64_t j = j0; j < j1; j += W) {
+      const int64_t n = std::min(W, j1 - j);
+      // x W_ih^T + b_ih and h W_hh^T + b_hh of gate block k, at columns j..j+n.
+      auto x_part = [&](int k) {
+        V v = load(ig + k * H + j, n);
+        return b_ih ? v + load(b_ih + k * H + j, n) : v;
+      };
+      auto h_part = [&](int k) {
+        V v = load(hg + k * H + j, n);
+        return b_hh ? v + load(b_hh + k * H + j, n) : v;
+      };
+      if (p.mode == Mode::kLSTM) {
+        const T* cp = Row<T>::at(p.c_prev, p.c_prev_stride, b);
+        T* c = Row<T>::at(p.c_out, p.c_out_stride, b);
+        const V i = sigmoid(x_part(0) + h_part(0));
+        const V f = sigmoid(x_part(1) + h_part(1));
+        const V g = (x_part(2) + h_part(2)).tanh();
+        const V o = sigmoid(x_part(3) + h_part(3));
+        const V cn = f * load(cp + j, n) + i * g;
+        store(cn, c + j, n);
+        store(o * cn.tanh(), h + j, n);
+        if (s) {
+          store(i, s + j, n);
+          store(f, s + H + j, n);
+          store(g, s + 2 * H + j, n);
+          store(o, s + 3 * H + j, n);
+        }
+      } else if (p.mode == Mode::kGRU) {
+        const T* hp = Row<T>::at(p.h_prev, p.h_prev_stride, b);
+        const V r = sigmoid(x_part(0) + h_part(0));
+        const V z = sigmoid(x_part(1) + h_part(1));
+        const V hn = h_part(2);
+        const V nn = (x_part(2) + r * hn).tanh();
+        store(nn + z * (load(hp + j, n) - nn), h + j, n);  // (1 - z) * n + z * h, as torch writes it
+        if (s) {
+          store(r, s + j, n);
+          store(z, s + H + j, n);
+          store(nn, s + 2 * H + j, n);
+          store(hn, s + 3 * H + j, n);
+        }
+      } else {
+        const V pre = x_part(0) + h_part(0);
+        const V hy = p.mode == Mode::kRNNTanh ? pre.tanh() : at::vec::maximum(pre, V(T(0)));
+        store(hy, h + j, n);
+        if (s) store(hy, s + j, n);
+      }
+    }
+  }
+}
+
+template <typename T>
+void cell_forward(const CellFwdParams& p) {
+  parallel_rows(p.batch, p.hidden, [&](int64_t b, int64_t j0, int64_t j1) { cell_forward_block<T>(p, b, j0, j1); });
+}
+
+template <typename T>
+void cell_backward(const CellBwdParams& p) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  const int64_t H = p.hidden;
+  const V one(T(1)), zero(T(0));
+  parallel_rows(p.batch, H, [&](int64_t b, int64_t j0, int64_t j1) {
+    const T* dh_row = Row<T>::at(p.grad_h, p.grad_h_stride, b);
+    const T* s = Row<T>::at(p.saved, p.saved_stride, b);
+    T* dgx = Row<T>::at(p.grad_igates, p.grad_igates_stride, b);
+    for (int64_t j = j0; j < j1; j += W) {
+      const int64_t n = std::min(W, j1 - j);
+      const V dh = dh_row ? load(dh_row + j, n) : zero;
+      if (p.mode == Mode::kLSTM) {
+        const T* dc_row = Row<T>::at(p.grad_c, p.grad_c_stride, b);
+        const V i = load(s + j, n), f = load(s + H + j, n), g = load(s + 2 * H + j, n), o = load(s + 3 * H + j, n);
+        const V tc = load(Row<T>::at(p.c_out, p.c_out_stride, b) + j, n).tanh();
+        const V cp = load(Row<T>::at(p.c_prev, p.c_prev_stride, b) + j, n);
+        // d c_t = incoming d c + d h * o * tanh'(c_t)
+        const V dc = (dc_row ? load(dc_row + j, n) : zero) + dh * o * (one - tc * tc);
+        store((dc * g) * (i * (one - i)), dgx + j, n);
+        store((dc * cp) * (f * (one - f)), dgx + H + j, n);
+        store((dc * i) * (one - g * g), dgx + 2 * H + j, n);
+        store((dh * tc) * (o * (one - o)), dgx + 3 * H + j, n);
+        store(dc * f, Row<T>::at(p.grad_c_prev, p.grad_c_prev_stride, b) + j, n);
+      } else if (p.mode == Mode::kGRU) {
+        T* dgh = Row<T>::at(p.grad_hgates, p.grad_hgates_stride, b);
+        const V r = load(s + j, n), z = load(s + H + j, n), nn = load(s + 2 * H + j, n), hn = load(s + 3 * H + j, n);
+        const V hp = load(Row<T>::at(p.h_prev, p.h_prev_stride, b) + j, n);
+        const V dn = (dh * (one - z)) * (one - nn * nn);  // through tanh
+        const V dz = (dh * (hp - nn)) * (z * (one - z));
+        const V dr = (dn * hn) * (r * (one - r));
+        store(dr, dgx + j, n);
+        store(dz, dgx + H + j, n);
+        store(dn, dgx + 2 * H + j, n);
+        store(dr, dgh + j, n);
+        store(dz, dgh + H + j, n);
+        store(dn * r, dgh + 2 * H + j, n);
+        store(dh * z, Row<T>::at(p.grad_h_prev, p.grad_h_prev_stride, b) + j, n);
+      } else {
+        const V y = load(s + j, n);
+        const V d = p.mode == Mode::kRNNTanh ? dh * (one - y * y) : V::blendv(zero, dh, y > zero);
+        store(d, dgx + j, n);
+      }
+    }
+  });
+}
+
+}  // namespace fastdl::rnn::cpu

@@ -1,0 +1,728 @@
+// Recurrent cells and sequence layers on CPU: LSTM (with optional projection), GRU, tanh/ReLU RNN.
+//
+// One rnn_layer call runs a whole layer-direction with the time loop in C++:
+//   1. gates_x = X W_ih^T for all N rows at once: one large GEMM, ~half the FLOPs of the layer;
+//   2. per step t: gates_h = h_{t-1} W_hh^T (GEMM on the step's rows), then the fused cell
+//      (lstm_cell_cpu.h), then for LSTM with proj_size h_t = r_t W_hr^T;
+// saving per row h_{t-1}, the gate activations and c_{t-1}, c_t in one workspace, so that the backward
+// runs the reverse loop with one GEMM per step (d h_{t-1} = d gates W_hh) and computes every weight
+// gradient afterwards as one GEMM over all rows. PackedSequence input is the same loop with a
+// shrinking (or, in reverse, growing) number of rows per step; rows that join take h0 / c0, rows that
+// leave write hy / cy.
+//
+// bf16 computes in fp32: inputs and weights are converted once per call and the states stay fp32
+// between steps (torch's bf16 path rounds h to bf16 every step), outputs are rounded at the end.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "lstm/lstm_cell_cpu.h"
+#include "lstm/lstm_gemm_cpu.h"
+#include "lstm/lstm_ops.h"
+
+namespace fastdl::rnn {
+namespace {
+
+using cpu::gemm;
+using cpu::Vec;
+
+template <typename T>
+void copy_rows(int64_t rows, int64_t cols, const T* src, int64_t src_stride, T* dst, int64_t dst_stride) {
+  for (int64_t b = 0; b < rows; ++b) std::memcpy(dst + b * dst_stride, src + b * src_stride, cols * sizeof(T));
+}
+template <typename T>
+void zero_rows(int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+  for (int64_t b = 0; b < rows; ++b) std::fill(dst + b * dst_stride, dst + b * dst_stride + cols, T(0));
+}
+
+// Internal buffers of an op call (transposed weights, gate tiles, running state, per-chunk gradients),
+// in memory this thread keeps between calls, one slot per buffer. Every call writes them before
+// reading, so reuse only saves the page faults of fresh large allocations: ~10 MB per forward at
+// B = 32, H = 512, where the kernel zeroing new pages was 6% of the time (perf). Held until the
+// thread exits; a slot grows to the largest call seen.
+enum Slot : int {
+  kWihT, kWhhT, kWhrT, kGatesX, kGatesH, kHState, kCState, kRState,                    // forward
+  kGradGatesX, kGradGatesH, kGradH, kGradC, kGradHAll, kGradR, kGWihT, kGWhhT, kGWhrT,  // backward
+  kNumSlots
+};
+
+at::Tensor scratch(Slot slot, c10::IntArrayRef sizes, at::ScalarType dtype) {
+  struct Buffer {
+    void* ptr = nullptr;
+    size_t bytes = 0;
+    ~Buffer() { std::free(ptr); }
+  };
+  static thread_local std::array<Buffer, kNumSlots> buffers;
+  Buffer& buf = buffers[slot];
+  const size_t bytes = std::max<size_t>(64, c10::multiply_integers(sizes) * c10::elementSize(dtype));
+  if (buf.bytes < bytes) {
+    std::free(buf.ptr);
+    buf.ptr = nullptr;
+    buf.bytes = 0;
+    TORCH_CHECK(posix_memalign(&buf.ptr, 64, bytes) == 0, "rnn_layer: cannot allocate ", bytes, " bytes of scratch");
+    buf.bytes = bytes;
+  }
+  return at::from_blob(buf.ptr, sizes, at::TensorOptions().dtype(dtype));
+}
+
+// Step index of the k-th step in processing order.
+inline int64_t step_at(const LayerParams& p, int64_t k) { return p.reverse ? p.seq_len - 1 - k : k; }
+// Rows of the k-th processed step; 0 outside [0, T).
+inline int64_t rows_at(const LayerParams& p, int64_t k) {
+  return k < 0 || k >= p.seq_len ? 0 : p.batch_sizes[step_at(p, k)];
+}
+
+#if FASTDL_RNN_BRGEMM
+// C[m, n] = A[m, K] B[K, n] (row-major, leading dimensions given) in one thread, K in chunks of 512.
+inline void brgemm_block(int64_t m, int64_t n, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
+                         float* C, int64_t ldc) {
+  constexpr int64_t kChunk = 512;
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk)
+    at::native::cpublas::brgemm(m, n, std::min(kChunk, K - k0), lda, ldb, ldc, k0 > 0, A + k0, B + k0 * ldb, C,
+                                /*is_vnni=*/false);
+}
+
+// One forward step (fp32) in a single parallel region: a task takes 32 hidden units x 32 rows, runs
+// the recurrent GEMM for the units' G gate columns (G brgemm calls of 32 x 32 x P), then the cell on the
+// same block while its gates are in L1. One region per step instead of two (GEMM, then cell): a step
+// is ~0.2 ms at H = 512, and each region is a fork/join of the thread pool. The cell writes h to a
+// buffer other than h_prev, which other tasks are still reading.
+void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_t, float* gh) {
+  constexpr int64_t kBlock = 32;
+  const int64_t H = c.hidden, GH = num_gates(c.mode) * H, bs = c.batch;
+  const int64_t jt = (H + kBlock - 1) / kBlock, mt = (bs + kBlock - 1) / kBlock;
+  const int64_t tasks = jt * mt;
+  const bool small = bs * GH * P < (int64_t(1) << 19);
+  at::parallel_for(0, tasks, small ? tasks : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t j0 = (task % jt) * kBlock, m0 = (task / jt) * kBlock;
+      const int64_t n = std::min(kBlock, H - j0), m = std::min(kBlock, bs - m0);
+      for (int64_t k = 0; k < num_gates(c.mode); ++k)
+        brgemm_block(m, n, P, h_prev + m0 * P, P, w_hh_t + k * H + j0, GH, gh + m0 * GH + k * H + j0, GH);
+      for (int64_t b = m0; b < m0 + m; ++b) cpu::cell_forward_block<float>(c, b, j0, j0 + n);
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+#endif
+
+template <typename T>
+void layer_forward(const LayerParams& p) {
+  const int64_t H = p.hidden, P = p.proj > 0 ? p.proj : H, I = p.input_size, B = p.batch;
+  const int64_t GH = num_gates(p.mode) * H;
+  const bool lstm = p.mode == Mode::kLSTM, gru = p.mode == Mode::kGRU, proj = p.proj > 0;
+  const WorkspaceLayout L = workspace_layout(p.mode, H, p.proj);
+  const int64_t Wd = L.width;
+  T* ws = static_cast<T*>(p.workspace);
+  T* out = static_cast<T*>(p.output);
+  T* gx = static_cast<T*>(p.gates_x);
+  T* gh = static_cast<T*>(p.gates_h);
+  T* hs = static_cast<T*>(p.h_state);
+  T* cs = static_cast<T*>(p.c_state);
+  const T* x = static_cast<const T*>(p.input);
+  // Weights as the GEMMs want them: row-major W^T when the caller provides it, else transposed on the fly.
+  const T* w_ih = static_cast<const T*>(p.w_ih_t ? p.w_ih_t : p.w_ih);
+  const T* w_hh = static_cast<const T*>(p.w_hh_t ? p.w_hh_t : p.w_hh);
+  const T* w_hr = static_cast<const T*>(p.w_hr_t ? p.w_hr_t : p.w_hr);
+  const bool ih_t = p.w_ih_t == nullptr, hh_t = p.w_hh_t == nullptr, hr_t = p.w_hr_t == nullptr;
+
+  // Biases go into the input projection: b_ih + b_hh for LSTM / RNN; GRU keeps b_hh in the cell,
+  // where b_hn is scaled by r.
+  const T* b_ih = static_cast<const T*>(p.b_ih);
+  const T* b_hh = static_cast<const T*>(p.b_hh);
+  std::vector<T> bias_x;
+  if (b_ih || (b_hh && !gru)) {
+    bias_x.assign(GH, T(0));
+    for (int64_t j = 0; j < GH; ++j) bias_x[j] = (b_ih ? b_ih[j] : T(0)) + (b_hh && !gru ? b_hh[j] : T(0));
+  }
+
+  // The state buffers start as h0 / c0 for every row: a row joins the recurrence when its sequence
+  // starts (every row at the first step, or later in a reverse pass over a packed batch). h ping-pongs
+  // between two buffers (a step reads one, writes the other); c is updated in place.
+  T* h_next = hs + B * P;
+  std::memcpy(hs, p.h0, B * P * sizeof(T));
+  std::memcpy(h_next, p.h0, B * P * sizeof(T));
+  if (lstm) std::memcpy(cs, p.c0, B * H * sizeof(T));
+
+  int64_t chunk_row0 = 0;
+  for (int64_t k = 0; k < p.seq_len; ++k) {
+    if (k % p.chunk_steps == 0) {
+      // x W_ih^T + bias for the next chunk of steps: their rows are contiguous in either direction.
+      const int64_t k_last = std::min(p.seq_len, k + p.chunk_steps) - 1;
+      const int64_t ta = step_at(p, k), tb = step_at(p, k_last);
+      const int64_t r0 = std::min(p.offsets[ta], p.offsets[tb]);
+      const int64_t r1 = std::max(p.offsets[ta] + p.batch_sizes[ta], p.offsets[tb] + p.batch_sizes[tb]);
+      if (!bias_x.empty())
+        for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(gx + r * GH, bias_x.data(), GH * sizeof(T));
+      gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, !bias_x.empty(), gx, GH);
+      chunk_row0 = r0;
+    }
+    const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
+    T* row = ws ? ws + off * Wd : nullptr;
+    if (row) {
+      copy_rows(bs, P, hs, P, row + L.hprev, Wd);
+      if (lstm) copy_rows(bs, H, cs, H, row + L.cprev, Wd);
+    }
+    CellFwdParams c;
+    c.mode = p.mode;
+    c.dtype = p.dtype;
+    c.batch = bs;
+    c.hidden = H;
+    c.igates = gx + (off - chunk_row0) * GH, c.igates_stride = GH;
+    c.hgates = gh, c.hgates_stride = GH;
+    c.b_hh = gru ? b_hh : nullptr;
+    c.h_prev = hs, c.h_prev_stride = P;
+    if (lstm) {
+      c.c_prev = cs, c.c_prev_stride = H;
+      c.c_out = cs, c.c_out_stride = H;
+    }
+    T* r = proj ? (row ? row + L.r : static_cast<T*>(p.r_state)) : nullptr;
+    c.h_out = proj ? r : h_next;
+    c.h_out_stride = proj ? (row ? Wd : H) : P;
+    c.saved = row ? row + L.saved : nullptr, c.saved_stride = Wd;
+#if FASTDL_RNN_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (!hh_t) {
+        fused_step(c, hs, P, w_hh, gh);
+      } else {
+        gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, P, false, gh, GH);
+        cpu::cell_forward<T>(c);
+      }
+    } else
+#endif
+    {
+      gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, hh_t ? P : GH, false, gh, GH);
+      cpu::cell_forward<T>(c);
+    }
+    if (row && lstm) copy_rows(bs, H, cs, H, row + L.c, Wd);
+    if (proj) {
+      gemm<T>(false, hr_t, bs, P, H, r, c.h_out_stride, w_hr, hr_t ? H : P, false, out + off * P, P);
+      std::memcpy(h_next, out + off * P, bs * P * sizeof(T));
+    } else {
+      std::memcpy(out + off * P, h_next, bs * P * sizeof(T));
+    }
+    // Rows whose sequence ends here have their final state.
+    const int64_t next = rows_at(p, k + 1);
+    if (bs > next) std::memcpy(static_cast<T*>(p.hy) + next * P, h_next + next * P, (bs - next) * P * sizeof(T));
+    std::swap(hs, h_next);
+  }
+  if (lstm) std::memcpy(p.cy, cs, B * H * sizeof(T));
+}
+
+// Rows [r0, r1) of the steps k_lo..k_hi (processing order): contiguous in either direction.
+inline std::pair<int64_t, int64_t> chunk_rows(const LayerParams& p, int64_t k_lo, int64_t k_hi) {
+  const int64_t ta = step_at(p, k_lo), tb = step_at(p, k_hi);
+  return {std::min(p.offsets[ta], p.offsets[tb]),
+          std::max(p.offsets[ta] + p.batch_sizes[ta], p.offsets[tb] + p.batch_sizes[tb])};
+}
+
+// [rows, cols] (row stride ld) -> a new contiguous [cols, rows].
+template <typename T>
+at::Tensor transposed(const T* src, int64_t rows, int64_t cols, int64_t ld) {
+  const auto opts = at::TensorOptions().dtype(cpu::scalar_type_of<T>());
+  return at::from_blob(const_cast<T*>(src), {rows, cols}, {ld, 1}, opts).t().contiguous();
+}
+
+template <typename T>
+void add_column_sums(const T* g, int64_t rows, int64_t cols, std::vector<double>& acc) {
+  std::vector<T> part(cols, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    at::vec::map2<T>([](Vec<T> a, Vec<T> b) { return a + b; }, part.data(), part.data(), g + r * cols, cols);
+  for (int64_t j = 0; j < cols; ++j) acc[j] += double(part[j]);
+}
+
+// Backward through time in chunks of steps (the forward's chunks, taken last to first): the gate
+// gradients of a chunk (~256 rows) stay in cache, and the chunk's share of d input and of every weight
+// gradient is one GEMM each with K = the chunk's rows, accumulated into W^T in chunk order.
+template <typename T>
+void layer_backward(const LayerBwdParams& q) {
+  const LayerParams& p = q.fwd;
+  const int64_t H = p.hidden, P = p.proj > 0 ? p.proj : H, I = p.input_size;
+  const int64_t GH = num_gates(p.mode) * H;
+  const bool lstm = p.mode == Mode::kLSTM, gru = p.mode == Mode::kGRU, proj = p.proj > 0;
+  const WorkspaceLayout L = workspace_layout(p.mode, H, p.proj);
+  const int64_t Wd = L.width;
+  const auto opts = at::TensorOptions().dtype(cpu::scalar_type_of<T>());
+  const T* ws = static_cast<const T*>(p.workspace);
+  const T* X = static_cast<const T*>(p.input);
+  const T* w_hh = static_cast<const T*>(p.w_hh);
+  T* dgx = static_cast<T*>(q.grad_gates_x);
+  T* dgh = gru ? static_cast<T*>(q.grad_gates_h) : dgx;
+  T* dh = static_cast<T*>(q.grad_h);
+  T* dc = static_cast<T*>(q.grad_c);
+  T* dh_all = static_cast<T*>(q.grad_h_all);
+  const T* g_out = static_cast<const T*>(q.grad_output);
+  const T* g_hy = static_cast<const T*>(q.grad_hy);
+  const T* g_cy = static_cast<const T*>(q.grad_cy);
+
+  const auto dtype = cpu::scalar_type_of<T>();
+  at::Tensor w_ih_t = scratch(kGWihT, {I, GH}, dtype), w_hh_t = scratch(kGWhhT, {P, GH}, dtype);
+  at::Tensor w_hr_t = proj ? scratch(kGWhrT, {H, P}, dtype) : at::Tensor();
+  std::vector<double> db_ih(GH, 0.0), db_hh(gru ? GH : 0, 0.0);
+  const int64_t nchunks = (p.seq_len + p.chunk_steps - 1) / p.chunk_steps;
+
+  for (int64_t chunk = nchunks - 1; chunk >= 0; --chunk) {
+    const int64_t k_lo = chunk * p.chunk_steps, k_hi = std::min(p.seq_len, k_lo + p.chunk_steps) - 1;
+    const auto [r0, r1] = chunk_rows(p, k_lo, k_hi);
+    for (int64_t k = k_hi; k >= k_lo; --k) {
+      const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
+      const T* row = ws + off * Wd;
+      // Rows whose sequence ended at this step in the forward start from d hy / d cy; the others
+      // carry d h_t, d c_t from the step after.
+      const int64_t next = rows_at(p, k + 1);
+      if (bs > next) {
+        g_hy ? copy_rows(bs - next, P, g_hy + next * P, P, dh + next * P, P) : zero_rows(bs - next, P, dh + next * P, P);
+        if (lstm)
+          g_cy ? copy_rows(bs - next, H, g_cy + next * H, H, dc + next * H, H) : zero_rows(bs - next, H, dc + next * H, H);
+      }
+      if (g_out) at::vec::map2<T>([](Vec<T> a, Vec<T> b) { return a + b; }, dh, dh, g_out + off * P, bs * P);
+      const T* grad_h = dh;
+      int64_t grad_h_stride = P;
+      if (proj) {
+        // h_t = r_t W_hr^T: keep d h_t for grad_w_hr, and d r_t = d h_t W_hr feeds the cell.
+        std::memcpy(dh_all + (off - r0) * P, dh, bs * P * sizeof(T));
+        gemm<T>(false, false, bs, H, P, dh, P, static_cast<const T*>(p.w_hr), H, false, static_cast<T*>(q.grad_r), H);
+        grad_h = static_cast<const T*>(q.grad_r);
+        grad_h_stride = H;
+      }
+
+      CellBwdParams c;
+      c.mode = p.mode;
+      c.dtype = p.dtype;
+      c.batch = bs;
+      c.hidden = H;
+      c.grad_h = grad_h, c.grad_h_stride = grad_h_stride;
+      c.saved = row + L.saved, c.saved_stride = Wd;
+      c.h_prev = row + L.hprev, c.h_prev_stride = Wd;
+      if (lstm) {
+        c.grad_c = dc, c.grad_c_stride = H;
+        c.c_prev = row + L.cprev, c.c_prev_stride = Wd;
+        c.c_out = row + L.c, c.c_out_stride = Wd;
+        c.grad_c_prev = dc, c.grad_c_prev_stride = H;
+      }
+      c.grad_igates = dgx + (off - r0) * GH, c.grad_igates_stride = GH;
+      if (gru) {
+        c.grad_hgates = dgh + (off - r0) * GH, c.grad_hgates_stride = GH;
+        c.grad_h_prev = dh, c.grad_h_prev_stride = P;  // z * d h, the W_hh path is added below
+      }
+      cpu::cell_backward<T>(c);
+      // d h_{t-1} (+)= d gates_h W_hh
+      gemm<T>(false, false, bs, P, GH, dgh + (off - r0) * GH, GH, w_hh, P, gru, dh, P);
+
+      // Rows that joined at this step took h0 / c0.
+      const int64_t joined = rows_at(p, k - 1);
+      if (bs > joined) {
+        copy_rows(bs - joined, P, dh + joined * P, P, static_cast<T*>(q.grad_h0) + joined * P, P);
+        if (lstm) copy_rows(bs - joined, H, dc + joined * H, H, static_cast<T*>(q.grad_c0) + joined * H, H);
+      }
+    }
+
+    // This chunk's share of d input and of the weight gradients (W^T += operand^T d gates).
+    const int64_t nr = r1 - r0;
+    const bool acc = chunk != nchunks - 1;
+    if (q.grad_input)
+      gemm<T>(false, false, nr, I, GH, dgx, GH, static_cast<const T*>(p.w_ih), I, false,
+              static_cast<T*>(q.grad_input) + r0 * I, I);
+    gemm<T>(false, false, I, GH, nr, transposed(X + r0 * I, nr, I, I).template data_ptr<T>(), nr, dgx, GH, acc,
+            w_ih_t.data_ptr<T>(), GH);
+    gemm<T>(false, false, P, GH, nr, transposed(ws + r0 * Wd + L.hprev, nr, P, Wd).template data_ptr<T>(), nr, dgh,
+            GH, acc, w_hh_t.data_ptr<T>(), GH);
+    if (proj)
+      gemm<T>(false, false, H, P, nr, transposed(ws + r0 * Wd + L.r, nr, H, Wd).template data_ptr<T>(), nr, dh_all, P,
+              acc, w_hr_t.data_ptr<T>(), P);
+    if (q.grad_b_ih) add_column_sums(dgx, nr, GH, db_ih);
+    if (q.grad_b_ih && gru) add_column_sums(dgh, nr, GH, db_hh);
+  }
+
+  at::from_blob(q.grad_w_ih, {GH, I}, opts).copy_(w_ih_t.t());
+  at::from_blob(q.grad_w_hh, {GH, P}, opts).copy_(w_hh_t.t());
+  if (proj) at::from_blob(q.grad_w_hr, {P, H}, opts).copy_(w_hr_t.t());
+  // Bias gradients: column sums of the gate gradients, per chunk in T, across chunks in double.
+  if (q.grad_b_ih) {
+    T* bi = static_cast<T*>(q.grad_b_ih);
+    T* bh = static_cast<T*>(q.grad_b_hh);
+    for (int64_t j = 0; j < GH; ++j) {
+      bi[j] = T(db_ih[j]);
+      bh[j] = T(gru ? db_hh[j] : db_ih[j]);
+    }
+  }
+}
+
+// ---- op bodies ------------------------------------------------------------------------------------
+
+// The math dtype: fp64 stays fp64, fp32 and bf16 compute in fp32.
+at::ScalarType math_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+DType to_dtype(at::ScalarType t) { return t == at::kDouble ? DType::kFloat64 : DType::kFloat32; }
+
+Tensor as_math(const Tensor& t) { return t.to(math_type(t.scalar_type())).contiguous(); }
+std::optional<Tensor> as_math(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(as_math(*t)) : std::nullopt;
+}
+const void* ptr(const std::optional<Tensor>& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+// A result in the caller's dtype that never aliases an input (the op's schema promises fresh outputs).
+Tensor to_result(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+void fill_layer(LayerParams& p, const LayerShape& s, bool reverse) {
+  p.mode = s.mode;
+  p.reverse = reverse;
+  p.seq_len = s.seq_len;
+  p.batch = s.batch;
+  p.rows = s.rows;
+  p.input_size = s.input_size;
+  p.hidden = s.hidden;
+  p.proj = s.proj;
+  p.batch_sizes = s.batch_sizes.data();
+  p.offsets = s.offsets.data();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, const std::optional<Tensor>& batch_sizes,
+                                                         const Tensor& hx, const std::optional<Tensor>& cx,
+                                                         const Tensor& w_ih, const Tensor& w_hh,
+                                                         const std::optional<Tensor>& b_ih,
+                                                         const std::optional<Tensor>& b_hh,
+                                                         const std::optional<Tensor>& w_hr, c10::string_view mode_str,
+                                                         bool reverse, bool save_workspace) {
+  const Mode mode = parse_mode(mode_str);
+  const LayerShape s = check_layer_args("rnn_layer", mode, input, batch_sizes, hx, cx, w_ih, w_hh, b_ih, b_hh, w_hr);
+  const auto dtype = input.scalar_type();
+  const auto mopts = input.options().dtype(math_type(dtype));
+  const int64_t P = s.state(), GH = num_gates(mode) * s.hidden;
+  const bool lstm = mode == Mode::kLSTM;
+
+  const Tensor x = as_math(input), h0 = as_math(hx), wi = as_math(w_ih), wh = as_math(w_hh);
+  const auto c0 = lstm ? as_math(cx) : std::nullopt;
+  const auto bi = as_math(b_ih), bh = as_math(b_hh), wr = as_math(w_hr);
+  // Transposed once per call, read by every step's GEMM (1 MB each at H = 512).
+  const auto mtype = math_type(dtype);
+  Tensor wi_t = scratch(kWihT, {s.input_size, GH}, mtype), wh_t = scratch(kWhhT, {P, GH}, mtype);
+  wi_t.copy_(wi.t());
+  wh_t.copy_(wh.t());
+  Tensor wr_t = wr ? scratch(kWhrT, {s.hidden, P}, mtype).copy_(wr->t()) : Tensor();
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = P;
+  Tensor output = at::empty(out_shape, mopts);
+  Tensor hy = at::empty({s.batch, P}, mopts);
+  Tensor cy = lstm ? at::empty({s.batch, s.hidden}, mopts) : at::empty({0}, input.options());
+  Tensor workspace = save_workspace ? at::empty({s.rows, workspace_layout(mode, s.hidden, s.proj).width}, mopts)
+                                    : at::empty({0}, mopts);
+  // Input projection in chunks of ~256 rows: large enough for an efficient GEMM, small enough to stay
+  // in L2 until the steps read it (a whole-sequence buffer is 32 MB at T = 128, B = 32, 4H = 2048).
+  const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
+  Tensor gates_x = scratch(kGatesX, {std::min(s.rows, chunk_steps * s.batch), GH}, mtype);
+  Tensor gates_h = scratch(kGatesH, {s.batch, GH}, mtype);
+  Tensor h_state = scratch(kHState, {2, s.batch, P}, mtype);
+  Tensor c_state = lstm ? scratch(kCState, {s.batch, s.hidden}, mtype) : Tensor();
+  Tensor r_state = s.proj > 0 ? scratch(kRState, {s.batch, s.hidden}, mtype) : Tensor();
+
+  LayerParams p;
+  fill_layer(p, s, reverse);
+  p.dtype = to_dtype(dtype);
+  p.chunk_steps = chunk_steps;
+  p.input = x.data_ptr();
+  p.h0 = h0.data_ptr();
+  p.c0 = ptr(c0);
+  p.w_ih = wi.data_ptr();
+  p.w_hh = wh.data_ptr();
+  p.b_ih = ptr(bi);
+  p.b_hh = ptr(bh);
+  p.w_hr = ptr(wr);
+  p.w_ih_t = wi_t.data_ptr();
+  p.w_hh_t = wh_t.data_ptr();
+  p.w_hr_t = wr ? wr_t.data_ptr() : nullptr;
+  p.output = output.data_ptr();
+  p.hy = hy.data_ptr();
+  p.cy = lstm ? cy.data_ptr() : nullptr;
+  p.workspace = save_workspace ? workspace.data_ptr() : nullptr;
+  p.gates_x = gates_x.data_ptr();
+  p.gates_h = gates_h.data_ptr();
+  p.h_state = h_state.data_ptr();
+  p.c_state = lstm ? c_state.data_ptr() : nullptr;
+  p.r_state = s.proj > 0 ? r_state.data_ptr() : nullptr;
+  if (s.rows > 0) {
+    p.dtype == DType::kFloat64 ? layer_forward<double>(p) : layer_forward<float>(p);
+  } else {
+    hy.copy_(h0);
+    if (lstm) cy.copy_(*c0);
+  }
+  return {to_result(output, dtype), to_result(hy, dtype), lstm ? to_result(cy, dtype) : cy, workspace};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_layer_backward_cpu(
+    const std::optional<Tensor>& grad_output, const std::optional<Tensor>& grad_hy,
+    const std::optional<Tensor>& grad_cy, const Tensor& input, const std::optional<Tensor>& batch_sizes,
+    const Tensor& hx, const Tensor& w_ih, const Tensor& w_hh, const std::optional<Tensor>& w_hr,
+    const Tensor& workspace, c10::string_view mode_str, bool reverse, bool has_bias, bool input_grad) {
+  const Mode mode = parse_mode(mode_str);
+  const bool lstm = mode == Mode::kLSTM, gru = mode == Mode::kGRU;
+  const LayerShape s = check_layer_args("rnn_layer_backward", mode, input, batch_sizes, hx, std::nullopt, w_ih, w_hh,
+                                        std::nullopt, std::nullopt, w_hr, /*check_cx=*/false);
+  const char* op = "rnn_layer_backward";
+  const auto dtype = input.scalar_type();
+  const auto mtype = math_type(dtype);
+  const auto mopts = input.options().dtype(mtype);
+  const int64_t P = s.state(), H = s.hidden, GH = num_gates(mode) * H;
+  const int64_t width = workspace_layout(mode, H, s.proj).width;
+  TORCH_CHECK(workspace.scalar_type() == mtype && workspace.sizes() == c10::IntArrayRef({s.rows, width}), op,
+              ": workspace must be the ", mtype, " tensor of shape ", shape_str({s.rows, width}),
+              " that rnn_layer returned with save_workspace=True, got ", workspace.scalar_type(), " ",
+              shape_str(workspace.sizes()));
+  std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
+  out_shape.back() = P;
+  SameKind same(op, input, "input");
+  auto grad_arg = [&](const std::optional<Tensor>& g, c10::IntArrayRef shape, const char* name) {
+    if (!g.has_value()) return std::optional<Tensor>();
+    same(*g, name);
+    CHECK_SHAPE(*g, shape);
+    return std::optional<Tensor>(as_math(*g));
+  };
+  const auto g_out = grad_arg(grad_output, out_shape, "grad_output");
+  const auto g_hy = grad_arg(grad_hy, {s.batch, P}, "grad_hy");
+  const auto g_cy = lstm ? grad_arg(grad_cy, {s.batch, H}, "grad_cy") : std::nullopt;
+
+  const Tensor x = as_math(input), wi = as_math(w_ih), wh = as_math(w_hh), ws = workspace.contiguous();
+  const auto wr = as_math(w_hr);
+  Tensor grad_input = input_grad ? at::empty(input.sizes(), mopts) : at::empty({0}, input.options());
+  Tensor grad_h0 = at::empty({s.batch, P}, mopts);
+  Tensor grad_c0 = lstm ? at::empty({s.batch, H}, mopts) : at::empty({0}, input.options());
+  Tensor grad_w_ih = at::empty({GH, s.input_size}, mopts), grad_w_hh = at::empty({GH, P}, mopts);
+  Tensor grad_w_hr = s.proj > 0 ? at::empty({P, H}, mopts) : at::empty({0}, input.options());
+  // Per-chunk scratch, as in the forward: chunk_steps * B rows of gate gradients.
+  const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
+  const int64_t chunk_rows = std::min(s.rows, chunk_steps * s.batch);
+  Tensor dgx = scratch(kGradGatesX, {chunk_rows, GH}, mtype);
+  Tensor dgh = gru ? scratch(kGradGatesH, {chunk_rows, GH}, mtype) : dgx;
+  Tensor dh = scratch(kGradH, {s.batch, P}, mtype), dc = scratch(kGradC, {s.batch, H}, mtype);
+  Tensor dh_all = s.proj > 0 ? scratch(kGradHAll, {chunk_rows, P}, mtype) : Tensor();
+  Tensor dr = s.proj > 0 ? scratch(kGradR, {s.batch, H}, mtype) : Tensor();
+  Tensor grad_b_ih = has_bias ? at::empty({GH}, mopts) : at::empty({0}, input.options());
+  Tensor grad_b_hh = has_bias ? at::empty({GH}, mopts) : at::empty({0}, input.options());
+
+  LayerBwdParams q;
+  fill_layer(q.fwd, s, reverse);
+  q.fwd.dtype = to_dtype(dtype);
+  q.fwd.chunk_steps = chunk_steps;
+  q.fwd.input = x.data_ptr();
+  q.fwd.w_ih = wi.data_ptr();
+  q.fwd.w_hh = wh.data_ptr();
+  q.fwd.w_hr = ptr(wr);
+  q.fwd.workspace = ws.data_ptr();
+  q.grad_output = ptr(g_out);
+  q.grad_hy = ptr(g_hy);
+  q.grad_cy = ptr(g_cy);
+  q.grad_input = input_grad ? grad_input.data_ptr() : nullptr;
+  q.grad_h0 = grad_h0.data_ptr();
+  q.grad_c0 = lstm ? grad_c0.data_ptr() : nullptr;
+  q.grad_w_ih = grad_w_ih.data_ptr();
+  q.grad_w_hh = grad_w_hh.data_ptr();
+  q.grad_w_hr = s.proj > 0 ? grad_w_hr.data_ptr() : nullptr;
+  q.grad_gates_x = dgx.data_ptr();
+  q.grad_gates_h = dgh.data_ptr();
+  q.grad_h = dh.data_ptr();
+  q.grad_c = dc.data_ptr();
+  q.grad_h_all = s.proj > 0 ? dh_all.data_ptr() : nullptr;
+  q.grad_r = s.proj > 0 ? dr.data_ptr() : nullptr;
+  q.grad_b_ih = has_bias ? grad_b_ih.data_ptr() : nullptr;
+  q.grad_b_hh = has_bias ? grad_b_hh.data_ptr() : nullptr;
+  if (s.rows > 0) {
+    q.fwd.dtype == DType::kFloat64 ? layer_backward<double>(q) : layer_backward<float>(q);
+  } else {
+    for (Tensor* t : {&grad_input, &grad_w_ih, &grad_w_hh, &grad_w_hr, &grad_b_ih, &grad_b_hh}) t->zero_();
+    g_hy ? grad_h0.copy_(*g_hy) : grad_h0.zero_();
+    if (lstm) g_cy ? grad_c0.copy_(*g_cy) : grad_c0.zero_();
+  }
+  return {to_result(grad_input, dtype), to_result(grad_h0, dtype), to_result(grad_c0, dtype),
+          to_result(grad_w_ih, dtype), to_result(grad_w_hh, dtype), to_result(grad_b_ih, dtype),
+          to_result(grad_b_hh, dtype), to_result(grad_w_hr, dtype)};
+}
+
+// ---- single cells: the two GEMMs are the caller's (F.linear), the op fuses the rest ----------------
+
+struct CellArgs {
+  int64_t batch, hidden;
+};
+
+CellArgs check_cell(const char* op, Mode mode, const Tensor& igates, const Tensor& hgates,
+                    const std::optional<Tensor>& state, const char* state_name, const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  SameKind same(op, igates, "input_gates");
+  same(hgates, "hidden_gates");
+  same(state, state_name);
+  same(b_ih, "input_bias");
+  same(b_hh, "hidden_bias");
+  const int64_t G = num_gates(mode);
+  TORCH_CHECK(igates.dim() == 2 && igates.size(1) % G == 0 && igates.size(1) > 0, op,
+              ": input_gates must be [batch, ", G, " * hidden_size], got ", shape_str(igates.sizes()));
+  const int64_t B = igates.size(0), H = igates.size(1) / G;
+  auto check_shape = [&](const Tensor& t, c10::IntArrayRef shape, const char* name, const char* what) {
+    TORCH_CHECK(t.sizes() == shape, op, ": ", name, " must have shape ", shape_str(shape), what, ", got ",
+                shape_str(t.sizes()));
+  };
+  check_shape(hgates, {B, G * H}, "hidden_gates", "");
+  if (state) check_shape(*state, {B, H}, state_name, " [batch, hidden_size]");
+  if (b_ih) check_shape(*b_ih, {G * H}, "input_bias", "");
+  if (b_hh) check_shape(*b_hh, {G * H}, "hidden_bias", "");
+  return {B, H};
+}
+
+template <typename Fn>
+void dispatch_math(at::ScalarType t, const Fn& fn) {
+  t == at::kDouble ? fn(double()) : fn(float());
+}
+
+std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& igates, const Tensor& hgates, const Tensor& cx,
+                                                 const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  const auto [B, H] = check_cell("lstm_cell", Mode::kLSTM, igates, hgates, cx, "cx", b_ih, b_hh);
+  const auto dtype = igates.scalar_type();
+  const auto mopts = igates.options().dtype(math_type(dtype));
+  const Tensor ig = as_math(igates), hg = as_math(hgates), c0 = as_math(cx);
+  const auto bi = as_math(b_ih), bh = as_math(b_hh);
+  Tensor hy = at::empty({B, H}, mopts), cy = at::empty({B, H}, mopts), ws = at::empty({B, 4 * H}, mopts);
+  CellFwdParams p;
+  p.mode = Mode::kLSTM, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.igates = ig.data_ptr(), p.igates_stride = 4 * H;
+  p.hgates = hg.data_ptr(), p.hgates_stride = 4 * H;
+  p.b_ih = ptr(bi), p.b_hh = ptr(bh);
+  p.c_prev = c0.data_ptr(), p.c_prev_stride = H;
+  p.h_out = hy.data_ptr(), p.h_out_stride = H;
+  p.c_out = cy.data_ptr(), p.c_out_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = 4 * H;
+  dispatch_math(ws.scalar_type(), [&](auto v) { cpu::cell_forward<decltype(v)>(p); });
+  return {to_result(hy, dtype), to_result(cy, dtype), ws};
+}
+
+std::tuple<Tensor, Tensor> lstm_cell_backward_cpu(const std::optional<Tensor>& grad_hy,
+                                                  const std::optional<Tensor>& grad_cy, const Tensor& cx,
+                                                  const Tensor& cy, const Tensor& workspace) {
+  const char* op = "lstm_cell_backward";
+  SameKind same(op, cx, "cx");
+  same(cy, "cy");
+  same(grad_hy, "grad_hy");
+  same(grad_cy, "grad_cy");
+  TORCH_CHECK(cx.dim() == 2, op, ": cx must be [batch, hidden_size], got ", shape_str(cx.sizes()));
+  const int64_t B = cx.size(0), H = cx.size(1);
+  const auto dtype = cx.scalar_type();
+  const auto mtype = math_type(dtype);
+  CHECK_SHAPE(cy, B, H);
+  CHECK_SHAPE(workspace, B, 4 * H);
+  CHECK_DTYPE(workspace, mtype);
+  if (grad_hy) CHECK_SHAPE(*grad_hy, B, H);
+  if (grad_cy) CHECK_SHAPE(*grad_cy, B, H);
+  const auto mopts = cx.options().dtype(mtype);
+  const Tensor c0 = as_math(cx), c1 = as_math(cy), ws = workspace.contiguous();
+  const auto dh = as_math(grad_hy), dc = as_math(grad_cy);
+  Tensor dgates = at::empty({B, 4 * H}, mopts), dcx = at::empty({B, H}, mopts);
+  CellBwdParams p;
+  p.mode = Mode::kLSTM, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.grad_h = ptr(dh), p.grad_h_stride = H;
+  p.grad_c = ptr(dc), p.grad_c_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = 4 * H;
+  p.c_prev = c0.data_ptr(), p.c_prev_stride = H;
+  p.c_out = c1.data_ptr(), p.c_out_stride = H;
+  p.grad_igates = dgates.data_ptr(), p.grad_igates_stride = 4 * H;
+  p.grad_c_prev = dcx.data_ptr(), p.grad_c_prev_stride = H;
+  dispatch_math(mtype, [&](auto v) { cpu::cell_backward<decltype(v)>(p); });
+  return {to_result(dgates, dtype), to_result(dcx, dtype)};
+}
+
+std::tuple<Tensor, Tensor> gru_cell_cpu(const Tensor& igates, const Tensor& hgates, const Tensor& hx,
+                                        const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
+  const auto [B, H] = check_cell("gru_cell", Mode::kGRU, igates, hgates, hx, "hx", b_ih, b_hh);
+  const auto dtype = igates.scalar_type();
+  const auto mopts = igates.options().dtype(math_type(dtype));
+  const Tensor ig = as_math(igates), hg = as_math(hgates), h0 = as_math(hx);
+  const auto bi = as_math(b_ih), bh = as_math(b_hh);
+  Tensor hy = at::empty({B, H}, mopts), ws = at::empty({B, 4 * H}, mopts);
+  CellFwdParams p;
+  p.mode = Mode::kGRU, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.igates = ig.data_ptr(), p.igates_stride = 3 * H;
+  p.hgates = hg.data_ptr(), p.hgates_stride = 3 * H;
+  p.b_ih = ptr(bi), p.b_hh = ptr(bh);
+  p.h_prev = h0.data_ptr(), p.h_prev_stride = H;
+  p.h_out = hy.data_ptr(), p.h_out_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = 4 * H;
+  dispatch_math(ws.scalar_type(), [&](auto v) { cpu::cell_forward<decltype(v)>(p); });
+  return {to_result(hy, dtype), ws};
+}
+
+std::tuple<Tensor, Tensor, Tensor> gru_cell_backward_cpu(const Tensor& grad_hy, const Tensor& hx,
+                                                         const Tensor& workspace) {
+  const char* op = "gru_cell_backward";
+  SameKind same(op, hx, "hx");
+  same(grad_hy, "grad_hy");
+  TORCH_CHECK(hx.dim() == 2, op, ": hx must be [batch, hidden_size], got ", shape_str(hx.sizes()));
+  const int64_t B = hx.size(0), H = hx.size(1);
+  const auto dtype = hx.scalar_type();
+  const auto mtype = math_type(dtype);
+  CHECK_SHAPE(grad_hy, B, H);
+  CHECK_SHAPE(workspace, B, 4 * H);
+  CHECK_DTYPE(workspace, mtype);
+  const auto mopts = hx.options().dtype(mtype);
+  const Tensor h0 = as_math(hx), dh = as_math(grad_hy), ws = workspace.contiguous();
+  Tensor dgx = at::empty({B, 3 * H}, mopts), dgh = at::empty({B, 3 * H}, mopts), dhx = at::empty({B, H}, mopts);
+  CellBwdParams p;
+  p.mode = Mode::kGRU, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.grad_h = dh.data_ptr(), p.grad_h_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = 4 * H;
+  p.h_prev = h0.data_ptr(), p.h_prev_stride = H;
+  p.grad_igates = dgx.data_ptr(), p.grad_igates_stride = 3 * H;
+  p.grad_hgates = dgh.data_ptr(), p.grad_hgates_stride = 3 * H;
+  p.grad_h_prev = dhx.data_ptr(), p.grad_h_prev_stride = H;
+  dispatch_math(mtype, [&](auto v) { cpu::cell_backward<decltype(v)>(p); });
+  return {to_result(dgx, dtype), to_result(dgh, dtype), to_result(dhx, dtype)};
+}
+
+std::tuple<Tensor, Tensor> rnn_cell_cpu(const Tensor& igates, const Tensor& hgates, const std::optional<Tensor>& b_ih,
+                                        const std::optional<Tensor>& b_hh, bool relu) {
+  const auto [B, H] = check_cell("rnn_cell", Mode::kRNNTanh, igates, hgates, std::nullopt, "hx", b_ih, b_hh);
+  const auto dtype = igates.scalar_type();
+  const auto mopts = igates.options().dtype(math_type(dtype));
+  const Tensor ig = as_math(igates), hg = as_math(hgates);
+  const auto bi = as_math(b_ih), bh = as_math(b_hh);
+  Tensor ws = at::empty({B, H}, mopts);
+  CellFwdParams p;
+  p.mode = relu ? Mode::kRNNReLU : Mode::kRNNTanh, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.igates = ig.data_ptr(), p.igates_stride = H;
+  p.hgates = hg.data_ptr(), p.hgates_stride = H;
+  p.b_ih = ptr(bi), p.b_hh = ptr(bh);
+  p.h_out = ws.data_ptr(), p.h_out_stride = H;
+  dispatch_math(ws.scalar_type(), [&](auto v) { cpu::cell_forward<decltype(v)>(p); });
+  // hy must not alias the workspace (separate outputs of one op).
+  return {dtype == ws.scalar_type() ? ws.clone() : ws.to(dtype), ws};
+}
+
+Tensor rnn_cell_backward_cpu(const Tensor& grad_hy, const Tensor& workspace, bool relu) {
+  const char* op = "rnn_cell_backward";
+  SameKind same(op, grad_hy, "grad_hy");
+  TORCH_CHECK(grad_hy.dim() == 2, op, ": grad_hy must be [batch, hidden_size], got ", shape_str(grad_hy.sizes()));
+  const auto dtype = grad_hy.scalar_type();
+  const auto mtype = math_type(dtype);
+  const int64_t B = grad_hy.size(0), H = grad_hy.size(1);
+  CHECK_SHAPE(workspace, B, H);
+  CHECK_DTYPE(workspace, mtype);
+  const Tensor dh = as_math(grad_hy), ws = workspace.contiguous();
+  Tensor dg = at::empty({B, H}, dh.options());
+  CellBwdParams p;
+  p.mode = relu ? Mode::kRNNReLU : Mode::kRNNTanh, p.dtype = to_dtype(dtype), p.batch = B, p.hidden = H;
+  p.grad_h = dh.data_ptr(), p.grad_h_stride = H;
+  p.saved = ws.data_ptr(), p.saved_stride = H;
+  p.grad_igates = dg.data_ptr(), p.grad_igates_stride = H;
+  dispatch_math(mtype, [&](auto v) { cpu::cell_backward<decltype(v)>(p); });
+  return to_result(dg, dtype);
+}
+
+}  // namespace
+}  // namespace fastdl::rnn
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("rnn_layer", &fastdl::rnn::rnn_layer_cpu);
+  m.impl("rnn_layer_backward", &fastdl::rnn::rnn_layer_backward_cpu);
+  m.impl("lstm_cell", &fastdl::rnn::lstm_cell_cpu);
+  m.impl("lstm_cell_backward", &fastdl::rnn::lstm_cell_backward_cpu);
+  m.impl("gru_cell", &fastdl::rnn::gru_cell_cpu);
+  m.impl("gru_cell_backward", &fastdl::rnn::gru_cell_backward_cpu);
+  m.impl("rnn_cell", &fastdl::rnn::rnn_cell_cpu);
+  m.impl("rnn_cell_backward", &fastdl::rnn::rnn_cell_backward_cpu);
+}
