@@ -86,6 +86,10 @@ TORCH_LIBRARY(fastdl, m) {
   // ---- end flash attention ------------------------------------------------------------------------
 }
 
+namespace fastdl::optim {
+void bind_optim_fast_path(pybind11::module& m);  // optim/optim_python.cpp
+}
+
 namespace {
 
 pybind11::dict build_info() {
@@ -116,4 +120,6 @@ pybind11::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastdl compiled kernels; ops live under torch.ops.fastdl";
   m.def("build_info", &build_info, "How this extension was built: version, ISA, CUDA, compilers.");
+  auto optim = m.def_submodule("optim", "Positional fast entries to torch.ops.fastdl.fused_*_ (same dispatch)");
+  fastdl::optim::bind_optim_fast_path(optim);
 }

@@ -2,7 +2,8 @@
 built on them. Ops are registered under ``torch.ops.fastdl``; Python APIs live in ``fastdl.ops``,
 ``fastdl.optim``, ``fastdl.nn`` and ``fastdl.models``."""
 
-from fastdl._extension import ExtensionError, load as _load_extension
+from fastdl._extension import ExtensionError
+from fastdl._extension import load as _load_extension
 from fastdl._version import __version__
 
 _C = _load_extension()

@@ -31,6 +31,8 @@ struct VecMath {
   static V abs(const V& x) { return x.abs(); }
   static V max(const V& a, const V& b) { return at::vec::maximum(a, b); }
   static V neg(const V& x) { return x.neg(); }
+  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
+  static V fnma(const V& a, const V& b, const V& c) { return at::vec::fnmadd(a, b, c); }
 };
 
 // 64K elements per chunk: 256 KB of fp32 params, enough to amortise scheduling, small enough that
@@ -59,8 +61,7 @@ void update_span(const MultiTensorParams& mt, const Coeffs<T>& c, int pass, int6
     V vp = load(p), vg = load(g), v0 = load(s0), v1 = load(s1), v2 = load(s2);
     if (mt.grad_scale) vg = vg / V(T(*mt.grad_scale));
     apply_rule<VecMath<T>>(mt.rule, pass, mt.hyper, c, vp, vg, v0, v1, v2, acc0, acc1);
-    if (pass == 0 && mt.rule == Rule::kLAMB) continue;  // first LAMB pass only reads p
-    store(vp, p);
+    if (!(pass == 0 && mt.rule == Rule::kLAMB)) store(vp, p);  // LAMB's first pass only reads p
     store(v0, s0);
     store(v1, s1);
     store(v2, s2);
@@ -91,7 +92,7 @@ void run_chunk(const MultiTensorParams& mt, const Coeffs<cpu::opmath_t<param_t>>
                    state[1] ? state[1] + b : nullptr, state[2] ? state[2] + b : nullptr, accp);
   } else {
     alignas(64) T tp[kTile], tg[kTile], ts[kMaxStates][kTile];
-    const bool writes = !(pass == 0 && mt.rule == Rule::kLAMB);
+    const bool writes_param = !(pass == 0 && mt.rule == Rule::kLAMB);
     for (int64_t b = ch.begin; b < ch.end; b += kTile) {
       const int64_t n = std::min<int64_t>(kTile, ch.end - b);
       if (master) {
@@ -106,9 +107,10 @@ void run_chunk(const MultiTensorParams& mt, const Coeffs<cpu::opmath_t<param_t>>
         if (state[k]) cpu::convert_n(state[k] + b, ts[k], n);
       }
       update_span<T>(mt, c, pass, n, tp, tg, sp[0], sp[1], sp[2], accp);
-      if (!writes) continue;
-      if (master) std::copy(tp, tp + n, master + b);
-      cpu::convert_n(tp, param + b, n);
+      if (writes_param) {
+        if (master) std::copy(tp, tp + n, master + b);
+        cpu::convert_n(tp, param + b, n);
+      }
       for (int k = 0; k < kMaxStates; ++k)
         if (state[k]) cpu::convert_n(ts[k], state[k] + b, n);
     }
@@ -149,8 +151,13 @@ void step_impl(const MultiTensorParams& mt) {
     for (int64_t b = 0; b < mt.numels[t]; b += kChunk) chunks.push_back({t, b, std::min(mt.numels[t], b + kChunk)});
   const int64_t nchunks = static_cast<int64_t>(chunks.size());
 
+  // Below ~two chunks of work a parallel region costs more than it saves (torch's GRAIN_SIZE is 32K).
+  int64_t total = 0;
+  for (int64_t t = 0; t < n; ++t) total += mt.numels[t];
+  const int64_t grain = total < 2 * kChunk ? nchunks : 1;
+
   if (mt.rule != Rule::kLAMB) {
-    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, nchunks, grain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) run_chunk<param_t, state_t>(mt, coeffs[chunks[i].tensor], 0, chunks[i], nullptr);
     });
     return;
@@ -158,7 +165,7 @@ void step_impl(const MultiTensorParams& mt) {
   // LAMB: pass 0 updates the moments and sums ||p||^2 and ||update||^2 per chunk; the per-tensor
   // trust ratio then scales pass 1, which recomputes the update from the new moments and applies it.
   std::vector<double> partial(2 * nchunks, 0.0);
-  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nchunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
       run_chunk<param_t, state_t>(mt, coeffs[chunks[i].tensor], 0, chunks[i], &partial[2 * i]);
   });
@@ -169,7 +176,7 @@ void step_impl(const MultiTensorParams& mt) {
   }
   for (int64_t t = 0; t < n; ++t)
     coeffs[t].neg_lr_trust = T(-mt.hyper.lr * lamb_trust_ratio(norms[2 * t], norms[2 * t + 1]));
-  at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, nchunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) run_chunk<param_t, state_t>(mt, coeffs[chunks[i].tensor], 1, chunks[i], nullptr);
   });
 }

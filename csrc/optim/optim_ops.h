@@ -72,6 +72,12 @@ inline void collect(MultiTensorArgs& args, const char* op, Rule rule, const Hype
     }
   }
 
+  // Every list length before any element is read.
+  if (steps) TORCH_CHECK(static_cast<int64_t>(steps->size()) == n, op, ": expected ", n, " state_steps, got ", steps->size());
+  if (mu_products)
+    TORCH_CHECK(static_cast<int64_t>(mu_products->size()) == n, op, ": expected ", n, " mu_products, got ",
+                mu_products->size());
+
   auto check_like = [&](const Tensor& t, const Tensor& p, at::ScalarType dtype, const char* name, int64_t i) {
     TORCH_CHECK(t.device() == device, op, ": ", name, "[", i, "] is on ", t.device(), " but params[0] is on ",
                 device, "; all tensors of one step must share a device");
@@ -109,10 +115,6 @@ inline void collect(MultiTensorArgs& args, const char* op, Rule rule, const Hype
     if (steps) check_scalar((*steps)[i], "state_steps");
     if (mu_products) check_scalar((*mu_products)[i], "mu_products");
   }
-  if (steps) TORCH_CHECK(static_cast<int64_t>(steps->size()) == n, op, ": expected ", n, " state_steps, got ", steps->size());
-  if (mu_products)
-    TORCH_CHECK(static_cast<int64_t>(mu_products->size()) == n, op, ": expected ", n, " mu_products, got ",
-                mu_products->size());
   for (const auto* opt : {&grad_scale, &found_inf}) {
     if (opt->has_value()) {
       const Tensor& t = **opt;

@@ -58,8 +58,10 @@ struct MultiTensorParams {
   const float* found_inf = nullptr;        // 1 element: nonzero skips the whole step, or nullptr
   DType param_dtype = DType::kFloat32;
   DType state_dtype = DType::kFloat32;
-  // LAMB scratch: [2 * num_tensors] fp32 sums of squares (||p||^2, ||update||^2), zeroed by the caller.
-  float* norms = nullptr;
+  // LAMB scratch: [2 * num_tensors] fp64 sums of squares (||p||^2, ||update||^2), zeroed by the caller
+  // (the CUDA kernel; the CPU kernel keeps its own). fp64, as the CPU kernel's sums: per-block
+  // partials of a 10M-element tensor are ~150 atomics, and fp64 parameters need an fp64 trust ratio.
+  double* norms = nullptr;
 };
 
 }  // namespace fastdl::optim

@@ -1,7 +1,8 @@
 // The update rules of torch.optim, written once for every backend.
 //
 // Each rule is templated on a math policy M that supplies the value type V (a SIMD vector of floats
-// on CPU, one float per thread on CUDA) and its elementwise functions. The arithmetic follows the
+// on CPU, one float per thread on CUDA) and its elementwise functions: splat, sqrt, abs, max, neg,
+// fma(a, b, c) = a*b + c and fnma(a, b, c) = c - a*b, each rounded once. The arithmetic follows the
 // order of operations of torch.optim's single-tensor implementations (torch/optim/*.py), so that
 // fp32 results agree with torch to rounding: e.g. Adam's denominator is sqrt(v) / sqrt(bc2) + eps,
 // not sqrt(v / bc2) + eps, because that is what torch computes.
@@ -77,17 +78,31 @@ FASTDL_HD double nadam_mu(const Hyper& h, double step) {
   return h.beta1 * (1.0 - 0.5 * pow(0.96, step * h.momentum_decay));
 }
 
-// torch.lerp(self, end, w): self + w * (end - self) for |w| < 0.5, else end - (end - self) * (1 - w).
+// The rules below are written in terms of torch's CPU pointwise ops, whose rounding they reproduce
+// (SGD and Adamax agree with torch 2.13 bit for bit on AVX512). The rules that take a square root
+// differ from torch in the last bit now and then: torch's CPU sqrt goes through MKL VML, which is not
+// correctly rounded (sqrt(0.045369003f) gives 0.21300001f; the correctly rounded result, ours, is
+// 0.21299999f), so the tests compare those within a relative 1e-6.
+//   x.add_(y, alpha=s)          -> fma(y, s, x)
+//   x.addcmul_(y, z, value=s)   -> fma(s * y, z, x)
+//   x.addcdiv_(y, z, value=s)   -> x + (s * y) / z
+//   x.lerp_(y, w), |w| < 0.5    -> fma(w, y - x, x);   otherwise y - (1 - w) * (y - x), fused
+template <class M, typename V, typename S>
+FASTDL_HD V add_scaled(const V& x, const V& y, S s) { return M::fma(y, M::splat(s), x); }
+template <class M, typename V, typename S>
+FASTDL_HD V addcmul(const V& x, const V& y, const V& z, S s) { return M::fma(M::splat(s) * y, z, x); }
+template <class M, typename V, typename S>
+FASTDL_HD V addcdiv(const V& x, const V& y, const V& z, S s) { return x + (M::splat(s) * y) / z; }
 template <class M, typename V, typename S>
 FASTDL_HD V lerp(const V& self, const V& end, S w, bool small) {
-  return small ? self + M::splat(w) * (end - self) : end - (end - self) * M::splat(S(1) - w);
+  return small ? M::fma(M::splat(w), end - self, self) : M::fnma(M::splat(S(1) - w), end - self, end);
 }
 
-// g <- -g if maximize; g <- g + wd * p for coupled (L2) weight decay.
+// g <- -g if maximize; g <- g + wd * p for coupled (L2) weight decay (torch: grad.add(param, alpha=wd)).
 template <class M, typename V, typename S>
 FASTDL_HD V prepare_grad(V g, const V& p, const Hyper& h, const Coeffs<S>& c, bool coupled_decay) {
   if (h.maximize) g = M::neg(g);
-  if (coupled_decay && h.weight_decay != 0) g = g + p * M::splat(c.weight_decay);
+  if (coupled_decay && h.weight_decay != 0) g = add_scaled<M>(g, p, c.weight_decay);
   return g;
 }
 
@@ -100,35 +115,34 @@ FASTDL_HD void apply_rule(Rule rule, int pass, const Hyper& h, const Coeffs<S>& 
     case Rule::kSGD: {  // torch/optim/sgd.py _single_tensor_sgd
       g = prepare_grad<M>(g, p, h, c, true);
       if (h.momentum != 0) {
-        s0 = h.is_first_step ? g : s0 * M::splat(c.momentum) + g * M::splat(c.one_minus_dampening);
-        g = h.nesterov ? g + s0 * M::splat(c.momentum) : s0;
+        s0 = h.is_first_step ? g : add_scaled<M>(s0 * M::splat(c.momentum), g, c.one_minus_dampening);
+        g = h.nesterov ? add_scaled<M>(g, s0, c.momentum) : s0;
       }
-      p = p + g * M::splat(c.neg_lr);
+      p = add_scaled<M>(p, g, c.neg_lr);
       break;
     }
     case Rule::kAdagrad: {  // adagrad.py: sum += g*g; p -= clr * g / (sqrt(sum) + eps)
       g = prepare_grad<M>(g, p, h, c, true);
-      s0 = s0 + g * g;
-      const V std_ = M::sqrt(s0) + M::splat(c.eps);
-      p = p + M::splat(c.neg_step_size) * (g / std_);
+      s0 = addcmul<M>(s0, g, g, S(1));
+      p = addcdiv<M>(p, g, M::sqrt(s0) + M::splat(c.eps), c.neg_step_size);
       break;
     }
     case Rule::kRMSprop: {  // rmsprop.py: s0 square_avg, s1 momentum_buffer, s2 grad_avg
       g = prepare_grad<M>(g, p, h, c, true);
-      s0 = s0 * M::splat(c.alpha) + M::splat(c.one_minus_alpha) * g * g;
+      s0 = addcmul<M>(s0 * M::splat(c.alpha), g, g, c.one_minus_alpha);
       V avg;
       if (h.centered) {
         s2 = lerp<M>(s2, g, c.one_minus_alpha, h.alpha > 0.5);
-        avg = M::sqrt(s0 - s2 * s2);
+        avg = M::sqrt(addcmul<M>(s0, s2, s2, S(-1)));
       } else {
         avg = M::sqrt(s0);
       }
       avg = avg + M::splat(c.eps);
       if (h.momentum > 0) {
-        s1 = s1 * M::splat(c.momentum) + g / avg;
-        p = p + s1 * M::splat(c.neg_lr);
+        s1 = addcdiv<M>(s1 * M::splat(c.momentum), g, avg, S(1));
+        p = add_scaled<M>(p, s1, c.neg_lr);
       } else {
-        p = p + M::splat(c.neg_lr) * (g / avg);
+        p = addcdiv<M>(p, g, avg, c.neg_lr);
       }
       break;
     }
@@ -137,22 +151,17 @@ FASTDL_HD void apply_rule(Rule rule, int pass, const Hyper& h, const Coeffs<S>& 
       if (decoupled && h.weight_decay != 0) p = p * M::splat(c.decay);
       g = prepare_grad<M>(g, p, h, c, !decoupled);
       s0 = lerp<M>(s0, g, c.lerp_w, c.lerp_small);
-      s1 = s1 * M::splat(c.beta2) + M::splat(c.one_minus_beta2) * g * g;
-      V denom;
-      if (h.amsgrad) {
-        s2 = M::max(s2, s1);
-        denom = M::sqrt(s2) / M::splat(c.bc2_sqrt) + M::splat(c.eps);
-      } else {
-        denom = M::sqrt(s1) / M::splat(c.bc2_sqrt) + M::splat(c.eps);
-      }
-      p = p + M::splat(c.neg_step_size) * (s0 / denom);
+      s1 = addcmul<M>(s1 * M::splat(c.beta2), g, g, c.one_minus_beta2);
+      if (h.amsgrad) s2 = M::max(s2, s1);
+      const V denom = M::sqrt(h.amsgrad ? s2 : s1) / M::splat(c.bc2_sqrt) + M::splat(c.eps);
+      p = addcdiv<M>(p, s0, denom, c.neg_step_size);
       break;
     }
     case Rule::kAdamax: {  // adamax.py: s0 exp_avg, s1 exp_inf
       g = prepare_grad<M>(g, p, h, c, true);
       s0 = lerp<M>(s0, g, c.lerp_w, c.lerp_small);
       s1 = M::max(s1 * M::splat(c.beta2), M::abs(g) + M::splat(c.eps));
-      p = p + M::splat(c.neg_step_size) * (s0 / s1);
+      p = addcdiv<M>(p, s0, s1, c.neg_step_size);
       break;
     }
     case Rule::kNAdam: {  // nadam.py: s0 exp_avg, s1 exp_avg_sq
@@ -160,25 +169,25 @@ FASTDL_HD void apply_rule(Rule rule, int pass, const Hyper& h, const Coeffs<S>& 
       if (decoupled && h.weight_decay != 0) p = p * M::splat(c.decay);
       g = prepare_grad<M>(g, p, h, c, !decoupled);
       s0 = lerp<M>(s0, g, c.lerp_w, c.lerp_small);
-      s1 = s1 * M::splat(c.beta2) + M::splat(c.one_minus_beta2) * g * g;
+      s1 = addcmul<M>(s1 * M::splat(c.beta2), g, g, c.one_minus_beta2);
       const V denom = M::sqrt(s1 / M::splat(c.bc2)) + M::splat(c.eps);
-      p = p + M::splat(c.nadam_grad) * (g / denom);
-      p = p + M::splat(c.nadam_avg) * (s0 / denom);
+      p = addcdiv<M>(p, g, denom, c.nadam_grad);
+      p = addcdiv<M>(p, s0, denom, c.nadam_avg);
       break;
     }
     case Rule::kLAMB: {  // You et al. 2019, Algorithm 2; s0 exp_avg, s1 exp_avg_sq
       if (pass == 0) {
         if (h.maximize) g = M::neg(g);
         s0 = lerp<M>(s0, g, c.lerp_w, c.lerp_small);
-        s1 = s1 * M::splat(c.beta2) + M::splat(c.one_minus_beta2) * g * g;
+        s1 = addcmul<M>(s1 * M::splat(c.beta2), g, g, c.one_minus_beta2);
       }
       const V update = (s0 * M::splat(c.inv_bc1)) / (M::sqrt(s1 * M::splat(c.inv_bc2)) + M::splat(c.eps)) +
                        p * M::splat(c.weight_decay);
       if (pass == 0) {
-        acc0 = acc0 + p * p;
-        acc1 = acc1 + update * update;
+        acc0 = M::fma(p, p, acc0);
+        acc1 = M::fma(update, update, acc1);
       } else {
-        p = p + M::splat(c.neg_lr_trust) * update;
+        p = add_scaled<M>(p, update, c.neg_lr_trust);
       }
       break;
     }
