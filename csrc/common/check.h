@@ -23,8 +23,8 @@ inline std::string shape_str(c10::IntArrayRef sizes) {
 #define CHECK_DTYPE(x, dtype) \
   TORCH_CHECK((x).scalar_type() == (dtype), #x " must have dtype ", (dtype), ", got ", (x).scalar_type())
 
-#define CHECK_DEVICE(x, device) \
-  TORCH_CHECK((x).device() == (device), #x " must be on ", (device), ", got ", (x).device())
+#define CHECK_DEVICE(x, expected_device) \
+  TORCH_CHECK((x).device() == (expected_device), #x " must be on ", (expected_device), ", got ", (x).device())
 
 #define CHECK_CONTIGUOUS(x) TORCH_CHECK((x).is_contiguous(), #x " must be contiguous")
 
