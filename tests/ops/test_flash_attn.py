@@ -161,6 +161,40 @@ def test_softcap_alibi(causal, softcap, alibi, dtype):
     check_against_ref(*fast_and_ref(**options), (q, k, v), dtype)
 
 
+DECODE_OPTIONS = {
+    "causal": dict(causal=True),
+    "window": dict(window_size=(100, 0)),
+    "softcap_alibi": dict(softcap=3.0, alibi=True),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("seqlen_q,seqlen_k,nheads_k", [(1, 300, 8), (1, 300, 2), (2, 300, 4), (3, 300, 8),
+                                                        (3, 1, 8)])
+@pytest.mark.parametrize("options", list(DECODE_OPTIONS.values()), ids=list(DECODE_OPTIONS))
+def test_decode(options, seqlen_q, seqlen_k, nheads_k, dtype):
+    # At most 8 query rows per kv-head take the row-by-row forward (no packing); (3, 1) causal leaves
+    # two rows without keys.
+    nheads = 8
+    q, k, v = make_qkv(2, seqlen_q, seqlen_k, nheads, nheads_k, 64, dtype)
+    options = dict(options)
+    if options.pop("alibi", False):
+        options["alibi_slopes"] = torch.rand(2, nheads, generator=torch.Generator().manual_seed(10))
+    check_against_ref(*fast_and_ref(**options), (q, k, v), dtype)
+
+
+def test_decode_varlen():
+    cu_q, cu_k = random_cu_seqlens([1, 0, 1]), random_cu_seqlens([50, 7, 0])
+    g = torch.Generator().manual_seed(11)
+    q = torch.randn(2, 4, 32, generator=g)
+    k, v = torch.randn(57, 2, 32, generator=g), torch.randn(57, 2, 32, generator=g)
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, 50, causal=True, return_attn_probs=True)
+    ref, ref_lse, _ = attention_varlen_ref(q, k, v, cu_q, cu_k, 1, 50, causal=True, return_attn_probs=True)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.isinf(lse[:, 1]).all() and torch.equal(out[1], torch.zeros_like(out[1]))
+    torch.testing.assert_close(lse[:, 0], ref_lse[:, 0], atol=1e-5, rtol=1e-5)
+
+
 def test_softmax_scale():
     q, k, v = make_qkv(2, 77, 91, 2, 2, 32, torch.float32)
     check_against_ref(*fast_and_ref(softmax_scale=0.37, causal=True), (q, k, v), torch.float32)
