@@ -39,7 +39,8 @@ def compare(fns: dict, repeats: int, warmup: int = 2) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--nheads", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=1024)
@@ -78,8 +79,9 @@ def main() -> None:
     flops = 4 * b * s * s * h * d / (2 if args.causal else 1)
     print(f"{args.dtype} batch={b} nheads={h} seqlen={s} headdim={d} causal={args.causal} "
           f"threads={torch.get_num_threads()} isa={fastdl.build_info()['cpu_vec_isa']}")
-    for label, fns, work in [("forward", {"fastdl": fastdl_fwd, "sdpa": sdpa_fwd}, flops),
-                             ("forward+backward", {"fastdl": fastdl_fwd_bwd, "sdpa": sdpa_fwd_bwd}, 3.5 * flops)]:
+    runs = [("forward", {"fastdl": fastdl_fwd, "sdpa": sdpa_fwd}, flops),
+            ("forward+backward", {"fastdl": fastdl_fwd_bwd, "sdpa": sdpa_fwd_bwd}, 3.5 * flops)]
+    for label, fns, work in runs:
         t = compare(fns, args.repeats)
         print(f"{label:>17}: fastdl {t['fastdl'] * 1e3:7.1f} ms {work / t['fastdl'] / 1e9:6.1f} GFLOP/s | "
               f"sdpa {t['sdpa'] * 1e3:7.1f} ms {work / t['sdpa'] / 1e9:6.1f} GFLOP/s | "

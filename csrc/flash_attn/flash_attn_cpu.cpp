@@ -54,6 +54,11 @@ constexpr int64_t kFwdBlockN = 512;
 // causal diagonal of 64 keys.
 constexpr int64_t kBwdBlockM = 128;
 constexpr int64_t kBwdBlockN = 64;
+// Decoding (few query rows per key): packing K and V would cost more than the attention, which reads
+// each key once per query row anyway. Below this many query rows per kv-head, the forward works row by
+// row on K and V as stored (fwd_row).
+constexpr int64_t kMaxRowsForRowPath = 8;
+constexpr int64_t kPrefetchRows = 8;
 // Enough tasks per thread that the dynamic schedule balances; more splits cost one dQ buffer each.
 constexpr int64_t kTasksPerThread = 2;
 constexpr int64_t kMaxSplits = 8;
@@ -366,6 +371,73 @@ void fwd_block(const FwdParams& p, const FwdPacks<cpu::opmath_t<scalar_t>>& pack
   store_rows(o_acc, d, mb, d, row_sum, out, p.o_row_stride, q_buf);
 }
 
+// One query row against the keys it sees, without packing: scores by dot products with K's rows,
+// then the row's softmax in one piece (max, exp and sum over all its keys), then O = sum_j p_j v_j.
+// buf: [seqlen_k] scores, [d] q, [d] output, [d] converted K/V row.
+template <typename scalar_t, bool kSoftcap, bool kAlibi>
+void fwd_row(const FwdParams& p, int64_t b, int64_t h, int64_t i, const Seq& seq, cpu::opmath_t<scalar_t>* buf) {
+  using acc_t = cpu::opmath_t<scalar_t>;
+  using V = Vec<acc_t>;
+  constexpr int64_t W = V::size();
+  const int64_t d = p.headdim, hk = h / (p.nheads / p.nheads_k);
+  acc_t* s = buf;
+  acc_t* q_buf = s + std::max<int64_t>(p.seqlen_k, 1);
+  acc_t* o = q_buf + d;
+  acc_t* row_buf = o + d;
+  acc_t* lse = static_cast<acc_t*>(p.softmax_lse);
+  auto* out = row_ptr(static_cast<scalar_t*>(p.out), p, b, seq, true, i, h, p.o_batch_stride, p.o_row_stride,
+                      p.o_head_stride);
+  const int64_t lo = seq.lo(i), hi = seq.hi(i);
+  if (lo >= hi) {  // sees no key: output 0, lse +inf (as the tiled path)
+    std::fill(o, o + d, acc_t(0));
+    store_rows(o, d, 1, d, static_cast<const acc_t*>(nullptr), out, d, row_buf);
+    lse[lse_index(p, b, seq, h, i)] = std::numeric_limits<acc_t>::infinity();
+    return;
+  }
+  int64_t unused;
+  const auto* q = row_ptr(static_cast<const scalar_t*>(p.q), p, b, seq, true, i, h, p.q_batch_stride, p.q_row_stride,
+                          p.q_head_stride);
+  const acc_t* qv = load_tile(q, 0, 1, d, q_buf, unused);
+  const acc_t alpha = acc_t(p.softcap > 0 ? p.softmax_scale / p.softcap : p.softmax_scale);
+  const auto* k = row_ptr(static_cast<const scalar_t*>(p.k), p, b, seq, false, lo, hk, p.k_batch_stride,
+                          p.k_row_stride, p.k_head_stride);
+  // Rows of one head are a row stride apart (4 KB for 16 heads of 64 floats), which hardware prefetchers
+  // do not follow across pages: fetch kPrefetchRows ahead.
+  const int64_t row_bytes = d * int64_t(sizeof(scalar_t));
+  auto prefetch = [&](const scalar_t* row) {
+    for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(reinterpret_cast<const char*>(row) + byte);
+  };
+  for (int64_t j = 0; j < hi - lo; ++j) {
+    if (j + kPrefetchRows < hi - lo) prefetch(k + (j + kPrefetchRows) * p.k_row_stride);
+    const acc_t* kv = load_tile(k + j * p.k_row_stride, 0, 1, d, row_buf, unused);
+    V acc(acc_t(0));
+    for (int64_t c = 0; c < d; c += W) {
+      const int64_t n = std::min(W, d - c);
+      acc = at::vec::fmadd(load_n(qv + c, n), load_n(kv + c, n), acc);
+    }
+    s[j] = alpha * at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc);
+  }
+  const acc_t m = score_row_max<acc_t, kSoftcap, kAlibi>(s, 0, hi - lo, acc_t(p.softcap),
+                                                         acc_t(-alibi_slope(p, b, h)),
+                                                         acc_t(i + seq.sk - seq.sq - lo));
+  const acc_t l = exp_row_sum(s, 0, hi - lo, m);
+  std::fill(o, o + d, acc_t(0));
+  const auto* v = row_ptr(static_cast<const scalar_t*>(p.v), p, b, seq, false, lo, hk, p.v_batch_stride,
+                          p.v_row_stride, p.v_head_stride);
+  for (int64_t j = 0; j < hi - lo; ++j) {
+    if (j + kPrefetchRows < hi - lo) prefetch(v + (j + kPrefetchRows) * p.v_row_stride);
+    const acc_t* vv = load_tile(v + j * p.v_row_stride, 0, 1, d, row_buf, unused);
+    const V pj(s[j]);
+    for (int64_t c = 0; c < d; c += W) {
+      const int64_t n = std::min(W, d - c);
+      store_n(at::vec::fmadd(pj, load_n(vv + c, n), load_n(o + c, n)), o + c, n);
+    }
+  }
+  const acc_t inv = acc_t(1) / l;
+  store_rows(o, d, 1, d, &inv, out, d, row_buf);
+  lse[lse_index(p, b, seq, h, i)] = m + std::log(l);
+}
+
 template <typename scalar_t>
 void fwd_cpu(const FwdParams& p) {
   using acc_t = cpu::opmath_t<scalar_t>;
@@ -373,6 +445,21 @@ void fwd_cpu(const FwdParams& p) {
   static_assert(BN % P == 0, "key tiles are whole panels");
   const int64_t d = p.headdim, bh = p.batch * p.nheads, nheads_k = p.nheads_k;
   const int64_t workers = at::get_num_threads();
+
+  if (p.seqlen_q * (p.nheads / nheads_k) <= kMaxRowsForRowPath) {
+    const int64_t per_worker = std::max<int64_t>(p.seqlen_k, 1) + 3 * d;
+    Scratch<acc_t> rows(kSlotTiles, workers * per_worker);
+    FASTDL_BOOL_SWITCH(p.softcap > 0, kSoftcap, [&] {
+      FASTDL_BOOL_SWITCH(p.alibi_slopes != nullptr, kAlibi, [&] {
+        parallel_items(bh * p.seqlen_q, workers, [&](int64_t item, int64_t w) {
+          const int64_t i = item / bh, b = item % bh / p.nheads, h = item % p.nheads;
+          const Seq s = get_seq(p, b);
+          if (i < s.sq) fwd_row<scalar_t, kSoftcap, kAlibi>(p, b, h, i, s, rows.get() + w * per_worker);
+        });
+      });
+    });
+    return;
+  }
 
   std::vector<int64_t> kpad0(p.batch + 1, 0);
   for (int64_t b = 0; b < p.batch; ++b) kpad0[b + 1] = kpad0[b] + ceil_div(get_seq(p, b).sk, P) * P;

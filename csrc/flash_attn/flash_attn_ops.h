@@ -128,6 +128,16 @@ inline int64_t check_cu_seqlens(const char* op, const Tensor& cu, const char* na
   return cu.size(0) - 1;
 }
 
+// Both cu_seqlens of a varlen call; returns the batch size.
+inline int64_t check_varlen(const char* op, const Tensor& q, const Tensor& k, const Tensor& cu_seqlens_q,
+                            const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  const int64_t batch = check_cu_seqlens(op, cu_seqlens_q, "cu_seqlens_q", q, max_seqlen_q, "max_seqlen_q");
+  const int64_t batch_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", k, max_seqlen_k, "max_seqlen_k");
+  TORCH_CHECK(batch_k == batch, op, ": cu_seqlens_k must have the length of cu_seqlens_q (", batch + 1, "), got ",
+              batch_k + 1);
+  return batch;
+}
+
 // Fills everything but the gradients. q, k, v, out: batch (4-D) or varlen (3-D) layout.
 inline void set_fwd_params(FwdParams& p, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                            const Tensor& lse, int64_t batch, int64_t seqlen_q, int64_t seqlen_k, const Options& o,
@@ -243,10 +253,7 @@ std::tuple<Tensor, Tensor> flash_attn_varlen_fwd(const Tensor& q_, const Tensor&
   check_qkv(op, q_, k_, v_, 3);
   const Options o{softmax_scale, causal, window_left, window_right, softcap};
   check_options(op, o);
-  const int64_t batch = check_cu_seqlens(op, cu_seqlens_q, "cu_seqlens_q", q_, max_seqlen_q, "max_seqlen_q");
-  const int64_t batch_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", k_, max_seqlen_k, "max_seqlen_k");
-  TORCH_CHECK(batch_k == batch, op, ": cu_seqlens_k must have the length of cu_seqlens_q (", batch + 1, "), got ",
-              batch_k + 1);
+  const int64_t batch = check_varlen(op, q_, k_, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const Tensor q = dense_rows(q_, 0), k = dense_rows(k_, 0), v = dense_rows(v_, 0);
   const int64_t total_q = q.size(0), nheads = q.size(1);
   check_alibi(op, alibi_slopes, q, batch, nheads);
@@ -294,10 +301,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd(
   check_qkv(op, q_, k_, v_, 3);
   const Options o{softmax_scale, causal, window_left, window_right, softcap};
   check_options(op, o);
-  const int64_t batch = check_cu_seqlens(op, cu_seqlens_q, "cu_seqlens_q", q_, max_seqlen_q, "max_seqlen_q");
-  const int64_t batch_k = check_cu_seqlens(op, cu_seqlens_k, "cu_seqlens_k", k_, max_seqlen_k, "max_seqlen_k");
-  TORCH_CHECK(batch_k == batch, op, ": cu_seqlens_k must have the length of cu_seqlens_q (", batch + 1, "), got ",
-              batch_k + 1);
+  const int64_t batch = check_varlen(op, q_, k_, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const int64_t total_q = q_.size(0), nheads = q_.size(1);
   check_bwd_inputs(op, dout_, q_, out, softmax_lse, dsoftmax_lse, {nheads, total_q});
   check_alibi(op, alibi_slopes, q_, batch, nheads);
