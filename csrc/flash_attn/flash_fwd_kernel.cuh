@@ -33,8 +33,9 @@ struct FwdConfig {
   // twice; above that one tile keeps O + S under ~200 registers.
   static constexpr int kMTiles = kHeadDim <= 64 ? 2 : 1;
   static constexpr int kBlockM = 16 * kMTiles * kNWarps;
-  // headdim 256 takes 32 keys at a time: Q, K, V then need 64 + 2 x 32 rows of 528 B = 66 KB.
-  static constexpr int kBlockN = kHeadDim <= 224 ? 64 : 32;
+  // Above headdim 192, 32 keys at a time: with 64, the O (112 or 128 floats) and S accumulators
+  // spilled (48 bytes at headdim 224 on sm_90); headdim 256 then needs 64 + 2 x 32 rows of 528 B = 66 KB.
+  static constexpr int kBlockN = kHeadDim <= 192 ? 64 : 32;
   static constexpr int kPitch = kHeadDim + kPad;
   static constexpr int kSmemBytes = (kBlockM + 2 * kBlockN) * kPitch * 2;
   static_assert(kSmemBytes <= 99 * 1024, "forward tiles must fit the 99 KB of sm_86/sm_89");

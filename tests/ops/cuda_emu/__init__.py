@@ -1,0 +1,35 @@
+"""Builds the CUDA flash-attention kernels for the CPU emulator (see emu_runtime.h) as a torch extension.
+
+The module has fwd / varlen_fwd / bwd / varlen_bwd with the signatures of the four fastdl ops, run by the
+real CUDA binding on CPU tensors, plus stats() and set_schedule(). Building takes a few minutes on two cores
+(the host compiler sees every kernel instantiation); the result is cached under build/cuda-emu.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
+SOURCES = ["emu_runtime.cpp", "flash_glue.cpp", "kernels_flash_launch.cpp", "kernels_flash_fwd_fp16.cpp",
+           "kernels_flash_fwd_bf16.cpp", "kernels_flash_bwd_fp16.cpp", "kernels_flash_bwd_bf16.cpp"]
+
+
+def load_flash_emu(verbose: bool = False):
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    cuda_include = pathlib.Path(CUDA_HOME or "/usr/local/cuda") / "include"
+    if not (cuda_include / "cuda_fp16.h").exists():
+        raise RuntimeError(f"the CUDA emulator needs the CUDA headers (cuda_fp16.h) under {cuda_include}")
+    build_dir = ROOT / "build" / "cuda-emu"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    return load(
+        name="fastdl_flash_emu",
+        sources=[str(HERE / s) for s in SOURCES] + [str(ROOT / "csrc/flash_attn/flash_attn_cuda.cpp")],
+        # Order matters: the emulator's flash_ptx.cuh and CUDA-header stubs shadow the real ones.
+        extra_include_paths=[str(HERE / "include"), str(HERE), str(ROOT / "csrc"), str(cuda_include)],
+        # Strict aliasing stays on (-O2): it once turned a uint4 read through __half* into garbage here.
+        extra_cflags=["-O2", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-unused-parameter"],
+        build_directory=str(build_dir),
+        verbose=verbose,
+    )
