@@ -2,10 +2,11 @@
 
     PYTHONPATH=. python benchmarks/bench_rnn.py [--repeats 7] [--batch 32 --seq 128 --input 512 --hidden 512]
 
-Reports the median of `repeats` timed runs (after a warm-up) and GFLOP/s counting the GEMMs only:
-per step 2 * B * (I + H) * 4H for the LSTM forward (input and recurrent projections), twice that for
-the backward (gradients of the inputs and of the weights). The machine is shared: compare the ratio
-of two rows measured in the same run, not absolute times across runs.
+Reports the median of `repeats` timed runs (after a warm-up; torch and fastdl calls interleaved) and
+GFLOP/s counting the GEMMs only: per step 2 * B * (I + H) * 4H for the LSTM forward (input and
+recurrent projections), twice that for the backward (gradients of the inputs and of the weights).
+The machine is shared: compare the ratio of two rows measured in the same run, not absolute times
+across runs.
 """
 
 from __future__ import annotations
@@ -20,14 +21,19 @@ import torch
 import fastdl
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up: allocations, oneDNN primitive creation
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def median_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
+    """Median wall time of each function, calls interleaved in rotating order so that load from other
+    processes on a shared machine falls on every contender alike."""
+    for fn in fns:
+        fn()  # warm-up: allocations, oneDNN primitive creation, brgemm kernel generation
+    times: list[list[float]] = [[] for _ in fns]
+    for r in range(repeats):
+        for i in range(len(fns)):
+            j = (i + r) % len(fns)
+            start = time.perf_counter()
+            fns[j]()
+            times[j].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def main() -> None:
@@ -64,8 +70,7 @@ def main() -> None:
     print(f"LSTM I={I} H={H} B={B} T={T}, fp32")
     rows = []
     for label, fn, flops in [("forward", forward, fwd_flops), ("forward+backward", train_step, 3 * fwd_flops)]:
-        t_ref = median_time(lambda: fn(ref), args.repeats)  # noqa: B023
-        t_mod = median_time(lambda: fn(mod), args.repeats)  # noqa: B023
+        t_ref, t_mod = median_times([lambda: fn(ref), lambda: fn(mod)], args.repeats)  # noqa: B023
         rows.append((label, t_ref, t_mod, flops))
 
     cell_ref = torch.nn.LSTMCell(I, H)
@@ -75,8 +80,7 @@ def main() -> None:
     cell_flops = 2 * B * (I + H) * 4 * H
     for label, grad in [("LSTMCell step", True), ("LSTMCell step no_grad", False)]:
         with torch.set_grad_enabled(grad):
-            t_ref = median_time(lambda: cell_ref(xc, hc), args.cell_repeats)
-            t_mod = median_time(lambda: cell(xc, hc), args.cell_repeats)
+            t_ref, t_mod = median_times([lambda: cell_ref(xc, hc), lambda: cell(xc, hc)], args.cell_repeats)
         rows.append((label, t_ref, t_mod, cell_flops))
 
     print(f"{'case':<24}{'torch ms':>10}{'fastdl ms':>11}{'ratio':>8}{'torch GF/s':>12}{'fastdl GF/s':>13}")

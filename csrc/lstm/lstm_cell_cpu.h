@@ -32,13 +32,15 @@ inline Vec<T> sigmoid(const Vec<T>& x) {
 }
 
 // Runs fn(row, col_begin, col_end) over batch x hidden in blocks of kBlock columns, so that one row
-// of a wide layer still splits across cores. A task below ~8K elements is not worth a thread handoff.
+// of a wide layer still splits across cores. Threads only take >= 32K hidden units each (~80 us of
+// gate math for an LSTM): a cell of batch 32 x 512 units (~40 us) is not worth a fork/join, which on
+// a loaded machine can wait a whole time slice for a descheduled thread.
 template <typename Fn>
-void parallel_rows(int64_t batch, int64_t hidden, const Fn& fn) {
+void parallel_rows(int64_t batch, int64_t hidden, const Fn& fn, bool parallel = true) {
   constexpr int64_t kBlock = 256;
   const int64_t nblk = (hidden + kBlock - 1) / kBlock;
   const int64_t tasks = batch * nblk;
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::min(hidden, kBlock));
+  const int64_t grain = parallel ? std::max<int64_t>(1, 32768 / std::min(hidden, kBlock)) : tasks;
   at::parallel_for(0, tasks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / nblk, j0 = (task % nblk) * kBlock;
@@ -120,12 +122,13 @@ inline void cell_forward_block(const CellFwdParams& p, int64_t b, int64_t j0, in
 }
 
 template <typename T>
-void cell_forward(const CellFwdParams& p) {
-  parallel_rows(p.batch, p.hidden, [&](int64_t b, int64_t j0, int64_t j1) { cell_forward_block<T>(p, b, j0, j1); });
+void cell_forward(const CellFwdParams& p, bool parallel = true) {
+  parallel_rows(
+      p.batch, p.hidden, [&](int64_t b, int64_t j0, int64_t j1) { cell_forward_block<T>(p, b, j0, j1); }, parallel);
 }
 
 template <typename T>
-void cell_backward(const CellBwdParams& p) {
+void cell_backward(const CellBwdParams& p, bool parallel = true) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const int64_t H = p.hidden;
@@ -169,7 +172,7 @@ void cell_backward(const CellBwdParams& p) {
         store(d, dgx + j, n);
       }
     }
-  });
+  }, parallel);
 }
 
 }  // namespace fastdl::rnn::cpu

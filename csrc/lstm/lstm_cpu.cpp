@@ -1,14 +1,17 @@
 // Recurrent cells and sequence layers on CPU: LSTM (with optional projection), GRU, tanh/ReLU RNN.
 //
 // One rnn_layer call runs a whole layer-direction with the time loop in C++:
-//   1. gates_x = X W_ih^T for all N rows at once: one large GEMM, ~half the FLOPs of the layer;
-//   2. per step t: gates_h = h_{t-1} W_hh^T (GEMM on the step's rows), then the fused cell
-//      (lstm_cell_cpu.h), then for LSTM with proj_size h_t = r_t W_hr^T;
-// saving per row h_{t-1}, the gate activations and c_{t-1}, c_t in one workspace, so that the backward
-// runs the reverse loop with one GEMM per step (d h_{t-1} = d gates W_hh) and computes every weight
-// gradient afterwards as one GEMM over all rows. PackedSequence input is the same loop with a
-// shrinking (or, in reverse, growing) number of rows per step; rows that join take h0 / c0, rows that
-// leave write hy / cy.
+//   1. gates_x = X W_ih^T + biases for a chunk of ~256 rows (8 steps at batch 32): one GEMM per chunk,
+//      ~half the FLOPs of the layer, split across threads;
+//   2. per step t: gates_h = h_{t-1} W_hh^T on the step's rows and the fused cell (lstm_cell_cpu.h),
+//      tile by tile in one pass (fused_step), then for LSTM with proj_size h_t = r_t W_hr^T.
+// With a gradient to come, each row's h_{t-1}, gate activations, c_{t-1} and c_t go to a workspace.
+// The backward walks the same chunks last to first: per step the cell backward and one GEMM
+// (d h_{t-1} = d gates W_hh); per chunk d input and the weight gradients, one GEMM each. PackedSequence
+// input is the same loop with a shrinking (or, in reverse, growing) number of rows per step; rows
+// that join take h0 / c0, rows that leave write hy / cy.
+//
+// fp32 GEMMs run on oneDNN's brgemm (lstm_gemm_cpu.h); fp64 on MKL's dgemm.
 //
 // bf16 computes in fp32: inputs and weights are converted once per call and the states stay fp32
 // between steps (torch's bf16 path rounds h to bf16 every step), outputs are rounded at the end.
@@ -69,6 +72,17 @@ at::Tensor scratch(Slot slot, c10::IntArrayRef sizes, at::ScalarType dtype) {
   return at::from_blob(buf.ptr, sizes, at::TensorOptions().dtype(dtype));
 }
 
+// Whether one step's recurrent GEMM is split across threads. A step is a fork/join of the thread
+// pool, and on a machine shared with other jobs one descheduled thread stalls the join for a whole
+// time slice (milliseconds) at every step. Below 64 MFLOP per thread per step (~0.3 ms; B = 32,
+// H = 512 is 67 MFLOP) the steps stay on the calling thread, and threads work on the input projection
+// and the weight gradients, which are chunks of ~256 rows. Measured with 2 threads on a 2-core machine
+// under load ~9: forward 500-560 ms with serial steps against 940-1370 ms with parallel steps (torch's
+// oneDNN LSTM, same runs: 850-1870 ms); single-threaded it is ~100 ms.
+inline bool parallel_steps(int64_t batch, int64_t gates_width, int64_t state) {
+  return 2 * batch * gates_width * state >= int64_t(at::get_num_threads()) * (int64_t(64) << 20);
+}
+
 // Step index of the k-th step in processing order.
 inline int64_t step_at(const LayerParams& p, int64_t k) { return p.reverse ? p.seq_len - 1 - k : k; }
 // Rows of the k-th processed step; 0 outside [0, T).
@@ -91,12 +105,12 @@ inline void brgemm_block(int64_t m, int64_t n, int64_t K, const float* A, int64_
 // same block while its gates are in L1. One region per step instead of two (GEMM, then cell): a step
 // is ~0.2 ms at H = 512, and each region is a fork/join of the thread pool. The cell writes h to a
 // buffer other than h_prev, which other tasks are still reading.
-void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_t, float* gh) {
+void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_t, float* gh, bool parallel) {
   constexpr int64_t kBlock = 32;
   const int64_t H = c.hidden, GH = num_gates(c.mode) * H, bs = c.batch;
   const int64_t jt = (H + kBlock - 1) / kBlock, mt = (bs + kBlock - 1) / kBlock;
   const int64_t tasks = jt * mt;
-  const bool small = bs * GH * P < (int64_t(1) << 19);
+  const bool small = !parallel || bs * GH * P < (int64_t(1) << 19);
   at::parallel_for(0, tasks, small ? tasks : 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t j0 = (task % jt) * kBlock, m0 = (task / jt) * kBlock;
@@ -148,6 +162,7 @@ void layer_forward(const LayerParams& p) {
   std::memcpy(h_next, p.h0, B * P * sizeof(T));
   if (lstm) std::memcpy(cs, p.c0, B * H * sizeof(T));
 
+  const bool par = parallel_steps(B, GH, P);
   int64_t chunk_row0 = 0;
   for (int64_t k = 0; k < p.seq_len; ++k) {
     if (k % p.chunk_steps == 0) {
@@ -187,20 +202,20 @@ void layer_forward(const LayerParams& p) {
 #if FASTDL_RNN_BRGEMM
     if constexpr (std::is_same_v<T, float>) {
       if (!hh_t) {
-        fused_step(c, hs, P, w_hh, gh);
+        fused_step(c, hs, P, w_hh, gh, par);
       } else {
-        gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, P, false, gh, GH);
-        cpu::cell_forward<T>(c);
+        gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, P, false, gh, GH, par);
+        cpu::cell_forward<T>(c, par);
       }
     } else
 #endif
     {
-      gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, hh_t ? P : GH, false, gh, GH);
-      cpu::cell_forward<T>(c);
+      gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, hh_t ? P : GH, false, gh, GH, par);
+      cpu::cell_forward<T>(c, par);
     }
     if (row && lstm) copy_rows(bs, H, cs, H, row + L.c, Wd);
     if (proj) {
-      gemm<T>(false, hr_t, bs, P, H, r, c.h_out_stride, w_hr, hr_t ? H : P, false, out + off * P, P);
+      gemm<T>(false, hr_t, bs, P, H, r, c.h_out_stride, w_hr, hr_t ? H : P, false, out + off * P, P, par);
       std::memcpy(h_next, out + off * P, bs * P * sizeof(T));
     } else {
       std::memcpy(out + off * P, h_next, bs * P * sizeof(T));
@@ -264,6 +279,7 @@ void layer_backward(const LayerBwdParams& q) {
   at::Tensor w_hr_t = proj ? scratch(kGWhrT, {H, P}, dtype) : at::Tensor();
   std::vector<double> db_ih(GH, 0.0), db_hh(gru ? GH : 0, 0.0);
   const int64_t nchunks = (p.seq_len + p.chunk_steps - 1) / p.chunk_steps;
+  const bool par = parallel_steps(p.batch, GH, P);
 
   for (int64_t chunk = nchunks - 1; chunk >= 0; --chunk) {
     const int64_t k_lo = chunk * p.chunk_steps, k_hi = std::min(p.seq_len, k_lo + p.chunk_steps) - 1;
@@ -285,7 +301,8 @@ void layer_backward(const LayerBwdParams& q) {
       if (proj) {
         // h_t = r_t W_hr^T: keep d h_t for grad_w_hr, and d r_t = d h_t W_hr feeds the cell.
         std::memcpy(dh_all + (off - r0) * P, dh, bs * P * sizeof(T));
-        gemm<T>(false, false, bs, H, P, dh, P, static_cast<const T*>(p.w_hr), H, false, static_cast<T*>(q.grad_r), H);
+        gemm<T>(false, false, bs, H, P, dh, P, static_cast<const T*>(p.w_hr), H, false, static_cast<T*>(q.grad_r), H,
+                par);
         grad_h = static_cast<const T*>(q.grad_r);
         grad_h_stride = H;
       }
@@ -309,9 +326,9 @@ void layer_backward(const LayerBwdParams& q) {
         c.grad_hgates = dgh + (off - r0) * GH, c.grad_hgates_stride = GH;
         c.grad_h_prev = dh, c.grad_h_prev_stride = P;  // z * d h, the W_hh path is added below
       }
-      cpu::cell_backward<T>(c);
+      cpu::cell_backward<T>(c, par);
       // d h_{t-1} (+)= d gates_h W_hh
-      gemm<T>(false, false, bs, P, GH, dgh + (off - r0) * GH, GH, w_hh, P, gru, dh, P);
+      gemm<T>(false, false, bs, P, GH, dgh + (off - r0) * GH, GH, w_hh, P, gru, dh, P, par);
 
       // Rows that joined at this step took h0 / c0.
       const int64_t joined = rows_at(p, k - 1);

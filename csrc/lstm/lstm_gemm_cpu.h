@@ -53,18 +53,20 @@ inline at::ScalarType scalar_type_of() {
 // of 512 run at ~150 (benchmarks/RESULTS.md). A tile-chunk costs 2 * 32 * 32 * 512 = 1 MFLOP (~5 us);
 // below ~1 MFLOP in all a thread handoff is not worth it.
 inline void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
-                      bool add_C, float* C, int64_t ldc) {
+                      bool add_C, float* C, int64_t ldc, bool parallel) {
   constexpr int64_t kTile = 32, kChunk = 512;
   const int64_t mt = (M + kTile - 1) / kTile, nt = (N + kTile - 1) / kTile;
   const int64_t tiles = mt * nt;
-  const bool small = tiles * kTile * kTile * K < (int64_t(1) << 19);
+  const bool small = !parallel || tiles * kTile * kTile * K < (int64_t(1) << 19);
+  const bool a_in_l2 = M * std::min(K, kChunk) * int64_t(sizeof(float)) <= (int64_t(512) << 10);
   at::parallel_for(0, tiles, small ? tiles : 1, [&](int64_t begin, int64_t end) {
     // Each tile belongs to one thread, with a fixed order over K: results do not depend on threads.
     for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
       const int64_t kc = std::min(kChunk, K - k0);
-      // Row-block-major: consecutive tiles of a thread share their A block (32 x 512, 64 KB).
       for (int64_t tile = begin; tile < end; ++tile) {
-        const int64_t m0 = (tile / nt) * kTile, n0 = (tile % nt) * kTile;
+        // A (m x 512 chunk) within ~half of a 1 MB L2: column-block-major, each B panel (512 x 32,
+        // 64 KB) is read once and A stays in L2. Larger A: row-block-major, each A block is read once.
+        const int64_t m0 = (a_in_l2 ? tile % mt : tile / nt) * kTile, n0 = (a_in_l2 ? tile / mt : tile % nt) * kTile;
         const int64_t m = std::min(kTile, M - m0), n = std::min(kTile, N - n0);
         at::native::cpublas::brgemm(m, n, kc, lda, ldb, ldc, add_C || k0 > 0, A + m0 * lda + k0, B + k0 * ldb + n0,
                                     C + m0 * ldc + n0, /*is_vnni=*/false);
@@ -77,9 +79,10 @@ inline void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
 
 // C[M, N] (row stride ldc) = op(A) op(B) + (accumulate ? C : 0), with op(A) [M, K] and op(B) [K, N];
 // trans_a: A is stored [K, M] (row stride lda), trans_b: B is stored [N, K] (row stride ldb).
+// parallel = false keeps the brgemm path on the calling thread.
 template <typename T>
 void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
-          int64_t ldb, bool accumulate, T* C, int64_t ldc) {
+          int64_t ldb, bool accumulate, T* C, int64_t ldc, bool parallel = true) {
   if (M == 0 || N == 0) return;
   const auto opts = at::TensorOptions().dtype(scalar_type_of<T>());
   at::Tensor c = at::from_blob(C, {M, N}, {ldc, 1}, opts);
@@ -98,7 +101,7 @@ void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, const T* 
       b_copy = at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t().contiguous();
       B = b_copy.data_ptr<T>(), ldb = N;
     }
-    brgemm_nn(M, N, K, A, lda, B, ldb, accumulate, C, ldc);
+    brgemm_nn(M, N, K, A, lda, B, ldb, accumulate, C, ldc, parallel);
     return;
   }
 #endif
