@@ -73,12 +73,14 @@ def main() -> None:
     # forward: read u, delta, z, B, C; write out and the checkpoints (every 64 steps)
     fwd_bytes = elem * (3 * b * d * L + 2 * b * n * L + b * d * L + b * d * ((L + 63) // 64) * n)
     # backward: read u, delta, z, dout, B, C, checkpoints; write du, ddelta, dz, dB, dC
-    bwd_bytes = elem * (4 * b * d * L + 2 * b * n * L + b * d * ((L + 63) // 64) * n + 3 * b * d * L + 2 * b * n * L)
+    bwd_bytes = elem * (4 * b * d * L + 2 * b * n * L + b * d * ((L + 63) // 64) * n  # read
+                        + 3 * b * d * L + 2 * b * n * L)  # write
 
     print(f"selective scan  batch {b}  dim {d}  L {L}  dstate {n}  fp32  threads {args.threads}  "
           f"(median of {args.reps}; ref median of {args.ref_reps})")
     def report(name, fast, ref, nbytes):
-        print(f"  {name:<17} wall: fast {fast[0]:7.2f} ms  ref {ref[0]:8.1f} ms  speedup {ref[0] / fast[0]:5.1f}x"
+        print(f"  {name:<17} wall: fast {fast[0]:7.2f} ms  ref {ref[0]:8.1f} ms"
+              f"  speedup {ref[0] / fast[0]:5.1f}x"
               f"  {nbytes / fast[0] / 1e6:5.2f} GB/s  |  cpu: fast {fast[1]:7.2f} ms  ref {ref[1]:8.1f} ms"
               f"  speedup {ref[1] / fast[1]:5.1f}x")
 
@@ -92,7 +94,8 @@ def main() -> None:
     bias = torch.randn(d, generator=g)
     conv_fast = median_ms(lambda: causal_conv1d_fn(x, w, bias, activation="silu"), args.reps)[0]
     conv_ref = median_ms(lambda: causal_conv1d_ref(x, w, bias, activation="silu"), args.reps)[0]
-    print(f"causal conv1d width 4 silu forward  wall: fast {conv_fast:6.2f} ms  ref (F.conv1d) {conv_ref:6.2f} ms"
+    print(f"causal conv1d width 4 silu forward  wall: fast {conv_fast:6.2f} ms"
+          f"  ref (F.conv1d) {conv_ref:6.2f} ms"
           f"  {elem * 2 * b * d * L / conv_fast / 1e6:5.2f} GB/s")
 
 
