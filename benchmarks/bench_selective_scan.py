@@ -1,8 +1,9 @@
 """Selective scan: the CPU kernel against selective_scan_ref, measured in the same run.
 
 Default shape: one Mamba-130m-like layer, batch 2, dim 1536, L 512, dstate 16, input-dependent B / C,
-with z, D, delta_bias and softplus, fp32. Prints median times over --reps runs and the effective
-bandwidth of the fast op: bytes of every input read once and every output written once.
+with z, D, delta_bias and softplus, fp32. Prints median wall and process-CPU times over --reps runs,
+and the effective bandwidth of the fast op: bytes of every input read once and every output written
+once, over its wall time.
 
     PYTHONPATH=. python benchmarks/bench_selective_scan.py [--threads 1] [--reps 7]
 """
@@ -18,15 +19,18 @@ import torch
 from fastdl.ops import causal_conv1d_fn, causal_conv1d_ref, selective_scan_fn, selective_scan_ref
 
 
-def median_ms(fn, reps: int, warmup: int = 1) -> float:
+def median_ms(fn, reps: int, warmup: int = 1) -> tuple[float, float]:
+    """Median wall time and median process CPU time (all threads), in ms. On a shared machine the wall
+    time includes waiting for a core; with one thread the CPU time does not."""
     for _ in range(warmup):
         fn()
-    times = []
+    walls, cpus = [], []
     for _ in range(reps):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return statistics.median(walls) * 1e3, statistics.median(cpus) * 1e3
 
 
 def main() -> None:
@@ -69,26 +73,30 @@ def main() -> None:
     # forward: read u, delta, z, B, C; write out and the checkpoints (every 64 steps)
     fwd_bytes = elem * (3 * b * d * L + 2 * b * n * L + b * d * L + b * d * ((L + 63) // 64) * n)
     # backward: read u, delta, z, dout, B, C, checkpoints; write du, ddelta, dz, dB, dC
-    bwd_bytes = elem * (4 * b * d * L + 2 * b * n * L + b * d * ((L + 63) // 64) * n + 3 * b * d * L + 2 * b * n * L)
+    bwd_bytes = elem * (4 * b * d * L + 2 * b * n * L + b * d * ((L + 63) // 64) * n  # read
+                        + 3 * b * d * L + 2 * b * n * L)  # write
 
     print(f"selective scan  batch {b}  dim {d}  L {L}  dstate {n}  fp32  threads {args.threads}  "
           f"(median of {args.reps}; ref median of {args.ref_reps})")
-    fast_f = median_ms(lambda: forward(selective_scan_fn), args.reps)
-    ref_f = median_ms(lambda: forward(selective_scan_ref), args.ref_reps)
-    print(f"  forward           fast {fast_f:8.2f} ms  ref {ref_f:9.1f} ms  speedup {ref_f / fast_f:6.1f}x  "
-          f"fast {fwd_bytes / fast_f / 1e6:5.2f} GB/s")
-    fast_fb = median_ms(lambda: forward_backward(selective_scan_fn), args.reps)
-    ref_fb = median_ms(lambda: forward_backward(selective_scan_ref), args.ref_reps)
-    print(f"  forward+backward  fast {fast_fb:8.2f} ms  ref {ref_fb:9.1f} ms  speedup {ref_fb / fast_fb:6.1f}x  "
-          f"fast {(fwd_bytes + bwd_bytes) / fast_fb / 1e6:5.2f} GB/s")
+    def report(name, fast, ref, nbytes):
+        print(f"  {name:<17} wall: fast {fast[0]:7.2f} ms  ref {ref[0]:8.1f} ms"
+              f"  speedup {ref[0] / fast[0]:5.1f}x"
+              f"  {nbytes / fast[0] / 1e6:5.2f} GB/s  |  cpu: fast {fast[1]:7.2f} ms  ref {ref[1]:8.1f} ms"
+              f"  speedup {ref[1] / fast[1]:5.1f}x")
+
+    report("forward", median_ms(lambda: forward(selective_scan_fn), args.reps),
+           median_ms(lambda: forward(selective_scan_ref), args.ref_reps), fwd_bytes)
+    report("forward+backward", median_ms(lambda: forward_backward(selective_scan_fn), args.reps),
+           median_ms(lambda: forward_backward(selective_scan_ref), args.ref_reps), fwd_bytes + bwd_bytes)
 
     x = torch.randn(b, d, L, generator=g)
     w = torch.randn(d, 4, generator=g)
     bias = torch.randn(d, generator=g)
-    conv_fast = median_ms(lambda: causal_conv1d_fn(x, w, bias, activation="silu"), args.reps)
-    conv_ref = median_ms(lambda: causal_conv1d_ref(x, w, bias, activation="silu"), args.reps)
-    print(f"causal conv1d width 4 silu forward  fast {conv_fast:6.2f} ms  ref (F.conv1d) {conv_ref:6.2f} ms  "
-          f"fast {elem * 2 * b * d * L / conv_fast / 1e6:5.2f} GB/s")
+    conv_fast = median_ms(lambda: causal_conv1d_fn(x, w, bias, activation="silu"), args.reps)[0]
+    conv_ref = median_ms(lambda: causal_conv1d_ref(x, w, bias, activation="silu"), args.reps)[0]
+    print(f"causal conv1d width 4 silu forward  wall: fast {conv_fast:6.2f} ms"
+          f"  ref (F.conv1d) {conv_ref:6.2f} ms"
+          f"  {elem * 2 * b * d * L / conv_fast / 1e6:5.2f} GB/s")
 
 
 if __name__ == "__main__":

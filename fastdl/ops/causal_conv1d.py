@@ -64,11 +64,17 @@ def _conv_backward(ctx, dout):
     return dx, dweight, dbias if bias is not None else None, None
 
 
-torch.library.register_autograd("fastdl::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context)
+torch.library.register_autograd(
+    "fastdl::causal_conv1d_fwd", _conv_backward, setup_context=_conv_setup_context
+)
 
 
 def causal_conv1d_update(
-    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """Decoding step(s): convolve x after the inputs held in ``conv_state``, which is updated in place.
 
@@ -110,7 +116,11 @@ def causal_conv1d_ref(
 
 
 def causal_conv1d_update_ref(
-    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Optional[Tensor] = None, activation: Optional[str] = None
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: Optional[str] = None,
 ) -> Tensor:
     """:func:`causal_conv1d_ref` over [conv_state, x], keeping the output of x; updates conv_state."""
     silu = _use_silu(activation)

@@ -62,7 +62,8 @@ def selective_scan_fn(
     Args:
         u, delta: ``(batch, dim, L)``, fp32 / bf16 / fp16 / fp64.
         A: ``(dim, dstate)``, real, fp32 (fp64 with fp64 u); dstate <= 256.
-        B, C: ``(dim, dstate)`` fp32, or ``(batch, dstate, L)`` / ``(batch, n_groups, dstate, L)`` in u's dtype.
+        B, C: ``(dim, dstate)`` fp32, or ``(batch, dstate, L)`` / ``(batch, n_groups, dstate, L)`` in
+            u's dtype.
         D, delta_bias: ``(dim,)`` fp32.  z: ``(batch, dim, L)`` in u's dtype.
         initial_state: ``(batch, dim, dstate)`` fp32, the state before step 0 (default zeros).
 
@@ -78,8 +79,8 @@ def selective_scan_fn(
 
 @torch.library.register_fake("fastdl::selective_scan_fwd")
 def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus):
-    _check_devices("selective_scan_fwd", "u", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z, delta_bias=delta_bias,
-                   initial_state=initial_state)
+    _check_devices("selective_scan_fwd", "u", u=u, delta=delta, A=A, B=B, C=C, D=D, z=z,
+                   delta_bias=delta_bias, initial_state=initial_state)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     n_chunks = (seqlen + CHECKPOINT_CHUNK - 1) // CHECKPOINT_CHUNK
@@ -92,10 +93,10 @@ def _selective_scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, initial_state,
 
 
 @torch.library.register_fake("fastdl::selective_scan_bwd")
-def _selective_scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state, checkpoints,
-                             delta_softplus):
-    _check_devices("selective_scan_bwd", "u", u=u, dout=dout, dlast_state=dlast_state, delta=delta, A=A, B=B, C=C,
-                   D=D, z=z, delta_bias=delta_bias, initial_state=initial_state, checkpoints=checkpoints)
+def _selective_scan_bwd_fake(dout, dlast_state, u, delta, A, B, C, D, z, delta_bias, initial_state,
+                             checkpoints, delta_softplus):
+    _check_devices("selective_scan_bwd", "u", u=u, dout=dout, dlast_state=dlast_state, delta=delta, A=A, B=B,
+                   C=C, D=D, z=z, delta_bias=delta_bias, initial_state=initial_state, checkpoints=checkpoints)
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     wdtype = _param_dtype(u)
@@ -136,7 +137,9 @@ def _scan_backward(ctx, dout, dlast_state, _dcheckpoints):
     )
 
 
-torch.library.register_autograd("fastdl::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context)
+torch.library.register_autograd(
+    "fastdl::selective_scan_fwd", _scan_backward, setup_context=_scan_setup_context
+)
 
 
 def selective_state_update(
@@ -166,7 +169,8 @@ def selective_state_update(
 
 @torch.library.register_fake("fastdl::selective_state_update")
 def _selective_state_update_fake(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus):
-    _check_devices("selective_state_update", "x", x=x, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z, dt_bias=dt_bias)
+    _check_devices("selective_state_update", "x", x=x, state=state, dt=dt, A=A, B=B, C=C, D=D, z=z,
+                   dt_bias=dt_bias)
     return x.new_empty(x.shape)
 
 

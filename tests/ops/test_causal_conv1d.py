@@ -38,12 +38,14 @@ def assert_matches_fp64_ref(x, weight, bias, activation, dtype=torch.float32, we
     weight_dtype = weight_dtype or dtype
     args = (x.to(dtype), weight.to(weight_dtype), bias.to(weight_dtype) if bias is not None else None)
     out, dx, grad = run(causal_conv1d_fn, *args, activation)
-    ref, ref_dx, _ = run(causal_conv1d_ref, *(t.double() if t is not None else None for t in args), activation, grad)
+    ref_args = (t.double() if t is not None else None for t in args)
+    ref, ref_dx, _ = run(causal_conv1d_ref, *ref_args, activation, grad)
     assert out.dtype == dtype
     torch.testing.assert_close(out.double(), ref, rtol=RTOL, atol=ATOL)
     for name, a, b, t in zip(("dx", "dweight", "dbias"), dx, ref_dx, [a for a in args if a is not None]):
         assert a.dtype == t.dtype and a.shape == t.shape, name
-        torch.testing.assert_close(a.double(), b, rtol=RTOL, atol=ATOL, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b, rtol=RTOL, atol=ATOL,
+                                   msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("seqlen", [1, 7, 128, 255, 1024, 2048])
@@ -136,7 +138,7 @@ def test_update_bf16_matches_reference():
     assert torch.equal(state, ref_state)
 
 
-# ---- autograd, torch.library and torch.compile --------------------------------------------------------------
+# ---- autograd, torch.library and torch.compile ------------------------------------------------------
 
 
 @pytest.mark.parametrize("activation", [None, "silu"])
@@ -152,8 +154,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastdl.causal_conv1d_bwd.default, (x.detach(), w.detach(), b.detach(),
                                                                        torch.randn_like(x), True))
     state = torch.randn(2, 6, 3)
-    torch.library.opcheck(torch.ops.fastdl.causal_conv1d_update.default, (x[..., :1].detach(), state, w.detach(),
-                                                                         b.detach(), True))
+    torch.library.opcheck(torch.ops.fastdl.causal_conv1d_update.default,
+                          (x[..., :1].detach(), state, w.detach(), b.detach(), True))
 
 
 def test_torch_compile_fullgraph():
@@ -174,12 +176,16 @@ def test_torch_compile_fullgraph():
 # ---- bad input ---------------------------------------------------------------------------------------------
 
 
+WIDTH_MESSAGE = r"width \(weight.shape\[1\]\) must be in \[2, 8\]"
+
+
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda x, w, b: causal_conv1d_fn(x, torch.randn(6, 1), None), r"width \(weight.shape\[1\]\) must be in \[2, 8\]"),
-        (lambda x, w, b: causal_conv1d_fn(x, torch.randn(6, 9), None), r"width \(weight.shape\[1\]\) must be in \[2, 8\]"),
-        (lambda x, w, b: causal_conv1d_fn(x, torch.randn(5, 4), None), r"weight must have shape \(dim, width\) = \(6"),
+        (lambda x, w, b: causal_conv1d_fn(x, torch.randn(6, 1), None), WIDTH_MESSAGE),
+        (lambda x, w, b: causal_conv1d_fn(x, torch.randn(6, 9), None), WIDTH_MESSAGE),
+        (lambda x, w, b: causal_conv1d_fn(x, torch.randn(5, 4), None),
+         r"weight must have shape \(dim, width\) = \(6"),
         (lambda x, w, b: causal_conv1d_fn(x, w, torch.randn(5)), r"bias must have shape \[6\]"),
         (lambda x, w, b: causal_conv1d_fn(x, w.double(), None), "weight must have the dtype of x"),
         (lambda x, w, b: causal_conv1d_fn(x, w, b.double()), "bias must have the dtype of weight"),

@@ -14,7 +14,12 @@ import pytest
 import torch
 
 import fastdl
-from fastdl.ops import selective_scan_fn, selective_scan_ref, selective_state_update, selective_state_update_ref
+from fastdl.ops import (
+    selective_scan_fn,
+    selective_scan_ref,
+    selective_state_update,
+    selective_state_update_ref,
+)
 
 RTOL, ATOL = 6e-4, 2e-3
 NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
@@ -25,8 +30,8 @@ BC_SHAPES = {  # how B / C are given
 }
 
 
-def make_inputs(batch=2, dim=4, seqlen=70, dstate=8, B_kind="var", C_kind="var", z=True, D=True, delta_bias=True,
-                initial_state=True, seed=0) -> dict:
+def make_inputs(batch=2, dim=4, seqlen=70, dstate=8, B_kind="var", C_kind="var", z=True, D=True,
+                delta_bias=True, initial_state=True, seed=0) -> dict:
     """fp64 inputs in the ranges Mamba sees: A < 0, delta > 0 (before bias and softplus)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -87,11 +92,13 @@ def assert_matches_fp64_ref(inputs: dict, delta_softplus: bool, dtype=torch.floa
     ref_out, ref_last, ref_dx, _ = run(selective_scan_ref, cast(x, torch.float64), delta_softplus, grads)
     assert out.dtype == dtype and last.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     torch.testing.assert_close(out.double(), ref_out, rtol=rtol, atol=atol, msg=lambda m: f"out: {m}")
-    torch.testing.assert_close(last.double(), ref_last, rtol=rtol, atol=atol, msg=lambda m: f"last_state: {m}")
+    torch.testing.assert_close(last.double(), ref_last, rtol=rtol, atol=atol,
+                               msg=lambda m: f"last_state: {m}")
     assert dx.keys() == ref_dx.keys()
     for k in dx:
         assert dx[k].dtype == x[k].dtype and dx[k].shape == x[k].shape, k
-        torch.testing.assert_close(dx[k].double(), ref_dx[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"d{k}: {m}")
+        torch.testing.assert_close(dx[k].double(), ref_dx[k], rtol=rtol, atol=atol,
+                                   msg=lambda m, k=k: f"d{k}: {m}")
 
 
 # ---- forward and every gradient against the reference --------------------------------------------------
@@ -99,7 +106,8 @@ def assert_matches_fp64_ref(inputs: dict, delta_softplus: bool, dtype=torch.floa
 SEQLENS = [1, 7, 128, 255, 1024, 2048]
 DSTATES = [1, 4, 16, 64]
 # B / C forms, cycled over the (seqlen, dstate) grid so that each form meets short and long sequences.
-BC_CYCLE = [("var", "var"), ("grouped", "grouped"), ("const", "const"), ("const", "grouped"), ("var", "const")]
+BC_CYCLE = [("var", "var"), ("grouped", "grouped"), ("const", "const"), ("const", "grouped"),
+            ("var", "const")]
 
 
 @pytest.mark.parametrize("dstate", DSTATES)
@@ -129,7 +137,8 @@ def test_many_channels_per_group():
     assert_matches_fp64_ref(inputs, delta_softplus=False)
 
 
-@pytest.mark.parametrize("z,D,softplus,delta_bias,initial_state", list(itertools.product([False, True], repeat=5)))
+@pytest.mark.parametrize("z,D,softplus,delta_bias,initial_state",
+                         list(itertools.product([False, True], repeat=5)))
 def test_optional_inputs(z, D, softplus, delta_bias, initial_state):
     inputs = make_inputs(seqlen=70, dstate=5, z=z, D=D, delta_bias=delta_bias, initial_state=initial_state)
     assert_matches_fp64_ref(inputs, delta_softplus=softplus)
@@ -259,7 +268,8 @@ def test_backward_is_deterministic_across_thread_counts():
 # ---- autograd, torch.library and torch.compile ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("B_kind,C_kind,seqlen", [("var", "var", 6), ("const", "grouped", 5), ("grouped", "const", 67)])
+@pytest.mark.parametrize("B_kind,C_kind,seqlen",
+                         [("var", "var", 6), ("const", "grouped", 5), ("grouped", "const", 67)])
 def test_gradcheck_fp64(B_kind, C_kind, seqlen):
     x = make_inputs(batch=1, dim=2, seqlen=seqlen, dstate=3, B_kind=B_kind, C_kind=C_kind)
     leaves = [x[k].clone().requires_grad_() for k in NAMES]
@@ -278,7 +288,8 @@ def op_args(inputs: dict, delta_softplus=True) -> tuple:
 
 @pytest.mark.parametrize("B_kind,z", [("var", True), ("const", False), ("grouped", True)])
 def test_opcheck(B_kind, z):
-    x = cast(make_inputs(batch=2, dim=4, seqlen=70, dstate=5, B_kind=B_kind, C_kind=B_kind, z=z), torch.float32)
+    x = cast(make_inputs(batch=2, dim=4, seqlen=70, dstate=5, B_kind=B_kind, C_kind=B_kind, z=z),
+             torch.float32)
     for k in x:
         if x[k] is not None:
             x[k].requires_grad_()
@@ -295,7 +306,8 @@ def test_opcheck_backward_and_state_update():
 
 
 def test_torch_compile_fullgraph():
-    x = cast(make_inputs(batch=2, dim=4, seqlen=70, dstate=6, B_kind="grouped", C_kind="grouped"), torch.float32)
+    x = cast(make_inputs(batch=2, dim=4, seqlen=70, dstate=6, B_kind="grouped", C_kind="grouped"),
+             torch.float32)
 
     def f(u, delta, A, B, C, D, z, delta_bias, initial_state):
         out, last = fastdl.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus=True,
@@ -359,10 +371,12 @@ def test_state_update_bf16_with_strided_state():
 
 
 def test_state_update_step_by_step_equals_scan():
-    x = cast(make_inputs(batch=2, dim=6, seqlen=40, dstate=8, B_kind="grouped", C_kind="grouped"), torch.float32)
+    x = cast(make_inputs(batch=2, dim=6, seqlen=40, dstate=8, B_kind="grouped", C_kind="grouped"),
+             torch.float32)
     x["B"], x["C"] = x["B"][:, :1], x["C"][:, :1]  # one group of 6: B (batch, 1, dstate, L)
-    out, last = selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                                  delta_softplus=True, return_last_state=True, initial_state=x["initial_state"])
+    out, last = selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                  x["delta_bias"], delta_softplus=True, return_last_state=True,
+                                  initial_state=x["initial_state"])
     state = x["initial_state"].clone()
     steps = [selective_state_update(state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t],
                                     x["C"][..., t], x["D"], x["z"][..., t], x["delta_bias"], dt_softplus=True)
@@ -377,8 +391,8 @@ def test_state_update_step_by_step_equals_scan():
 def bad_call(**changes):
     x = cast(make_inputs(batch=2, dim=4, seqlen=10, dstate=3), torch.float32)
     x.update(changes)
-    return lambda: selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"], x["delta_bias"],
-                                     initial_state=x["initial_state"])
+    return lambda: selective_scan_fn(x["u"], x["delta"], x["A"], x["B"], x["C"], x["D"], x["z"],
+                                     x["delta_bias"], initial_state=x["initial_state"])
 
 
 @pytest.mark.parametrize(
