@@ -8,7 +8,7 @@ same reference computed in fp16/bf16.
 
 import pytest
 import torch
-from test_flash_attn import assert_lse, assert_rule, check_against_ref, fast_and_ref, make_qkv, random_cu_seqlens
+from .test_flash_attn import assert_lse, assert_rule, check_against_ref, fast_and_ref, make_qkv, random_cu_seqlens
 
 import fastdl
 from fastdl.ops.flash_attn import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func

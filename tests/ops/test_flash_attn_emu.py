@@ -10,8 +10,8 @@ Marked slow (building takes a few minutes): run with --runslow.
 
 import pytest
 import torch
-from cuda_emu import load_flash_emu
-from test_flash_attn import assert_lse, assert_rule, make_qkv, random_cu_seqlens
+from .cuda_emu import load_flash_emu
+from .test_flash_attn import assert_lse, assert_rule, make_qkv, random_cu_seqlens
 
 from fastdl.ops.flash_attn import attention_ref, attention_varlen_ref
 
