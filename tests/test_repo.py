@@ -15,7 +15,7 @@ def quickstart_commands() -> list[str]:
 def test_quickstart_has_exactly_two_commands():
     commands = quickstart_commands()
     assert len(commands) == 2, commands
-    assert commands[0].endswith("fastdl bench")
+    assert commands[0].endswith("fastdl train")
     assert "pytest" in commands[1]
 
 

@@ -55,6 +55,8 @@ class GPTConfig:
             self.ffn_hidden = swiglu_hidden_dim(self.n_embd, self.multiple_of)
         if self.n_head % self.n_kv_head != 0:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class Block(nn.Module):

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from fastdl.train.config import ConfigError, TrainConfig
 from fastdl.train.metrics import Metric
 
-DEFAULT_RECIPE = "mlp-digits"
+DEFAULT_RECIPE = "gpt-chars"
 
 
 @dataclass(frozen=True)
