@@ -241,3 +241,17 @@ def test_bad_idx_raises():
         model(torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match=r"idx must be \(batch, seqlen >= 1\) token ids, got shape \(2, 0\)"):
         model.generate(torch.zeros(2, 0, dtype=torch.long), 3)
+
+
+def test_trainer_does_not_decay_A_log_and_D():
+    """A_log is 2-D, so dim >= 2 alone would decay it towards A = -1; mamba-ssm marks it (and D) to be left
+    out, and fastdl's trainer honours the mark."""
+    from fastdl.train.config import TrainConfig
+    from fastdl.train.trainer import build_optimizer
+
+    model = MambaLM(tiny_config())
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) in decayed}
+    assert "backbone.layers.0.mixer.in_proj.weight" in names and "backbone.embedding.weight" in names
+    assert not any(name.endswith(("A_log", "mixer.D", "norm.weight", "bias")) for name in names), names
