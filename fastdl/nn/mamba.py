@@ -188,7 +188,7 @@ class Mamba(nn.Module):
         x, z = xz.chunk(2, dim=1)  # (B, d_inner, L) each
         if conv_state is not None:
             # The last d_conv inputs of the conv, zeros in front when the prompt is shorter.
-            conv_state.copy_(F.pad(x, (self.d_conv - seqlen, 0)))
+            conv_state.copy_(F.pad(x.detach(), (self.d_conv - seqlen, 0)))
         x = causal_conv1d_fn(x, self._conv_weight(), self.conv1d.bias, activation="silu")
         y = self._scan(x, z, ssm_state, initial_state=None)
         return self.out_proj(y.mT)  # (B, L, d_model)
@@ -207,7 +207,7 @@ class Mamba(nn.Module):
                               return_last_state=ssm_state is not None, initial_state=initial_state)
         if ssm_state is not None:
             y, last_state = y
-            ssm_state.copy_(last_state)
+            ssm_state.copy_(last_state.detach())  # the cache holds values, not the graph
         return y
 
     @torch.no_grad()

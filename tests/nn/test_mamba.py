@@ -185,6 +185,19 @@ def test_step_token_by_token_equals_full_forward(kwargs, dtype):
     torch.testing.assert_close(prefill_ssm, ssm_state, rtol=tol, atol=tol)
 
 
+def test_bf16_block_keeps_A_log_and_D_fp32_and_decodes_like_its_forward():
+    m = randomize(Mamba(32, dtype=torch.bfloat16))
+    assert m.A_log.dtype == m.D.dtype == torch.float32 and m.in_proj.weight.dtype == torch.bfloat16
+    h = torch.randn(2, 12, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        full = m(h)
+    conv_state, ssm_state = m.allocate_inference_cache(2, 12)
+    steps = torch.cat([m.step(h[:, t:t + 1], conv_state, ssm_state)[0] for t in range(12)], dim=1)
+    assert steps.dtype == torch.bfloat16
+    # Both round the activations to bf16 at the same points, but in_proj runs as W @ h^T vs F.linear.
+    torch.testing.assert_close(steps.float(), full.float(), rtol=2e-2, atol=2e-2 * full.abs().max().item())
+
+
 def test_prefill_then_chunks_then_steps_equals_full_forward():
     """Prompt shorter than d_conv (the conv state is zero-padded), then a chunk of several tokens that
     continues from the states, then single tokens: the same outputs as one forward."""
