@@ -3,6 +3,7 @@ state_dict keys, so that weights load either way."""
 
 from fastdl.nn.attention import Attention, KVCache, MultiheadAttention
 from fastdl.nn.layers import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_emb, swiglu_hidden_dim
+from fastdl.nn.mamba import InferenceParams, Mamba
 from fastdl.nn.rnn import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __all__ = [
@@ -11,8 +12,10 @@ __all__ = [
     "RNN",
     "Attention",
     "GRUCell",
+    "InferenceParams",
     "KVCache",
     "LSTMCell",
+    "Mamba",
     "MultiheadAttention",
     "RMSNorm",
     "RNNCell",

@@ -83,7 +83,8 @@ class TrainResult:
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig, fsdp: bool = False) -> torch.optim.Optimizer:
-    """``config.optimizer`` over the model's trainable parameters; weight decay on dim >= 2 only.
+    """``config.optimizer`` over the model's trainable parameters; weight decay on dim >= 2 only, and not on
+    parameters marked ``_no_weight_decay``.
 
     Names are fastdl.optim's (``adamw``) or torch.optim's with a ``torch.`` prefix (``torch.adamw``).
     Under FSDP2 the parameters are DTensors, which the fused kernels do not take: torch's class is used.
@@ -98,8 +99,9 @@ def build_optimizer(model: nn.Module, config: TrainConfig, fsdp: bool = False) -
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    # Parameters marked _no_weight_decay (Mamba's A_log and D, as mamba-ssm marks them) are not decayed either.
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
+    no_decay = [p for p in params if p.dim() < 2 or getattr(p, "_no_weight_decay", False)]
     groups = [{"params": g, "weight_decay": wd} for g, wd in ((decay, config.weight_decay), (no_decay, 0.0)) if g]
     kwargs: dict[str, Any] = {"lr": config.lr}
     if base in _BETAS:

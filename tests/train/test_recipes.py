@@ -14,7 +14,8 @@ from fastdl.train.run import resolve_settings
 SHORT = {"steps": 40, "warmup_steps": 0, "log_every": 5, "eval_every": 40, "progress": False}
 # Smaller models where a recipe's default would make a 40-step run slow on a 2-core CI machine.
 SMALL = {"gpt-chars": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "block_size": 64,
-                       "batch_size": 16, "sample_chars": 20}}
+                       "batch_size": 16, "sample_chars": 20},
+         "mamba-chars": {"n_layer": 2, "d_model": 64, "block_size": 64, "batch_size": 16, "sample_chars": 20}}
 
 
 def train_losses(out_dir) -> list[float]:
@@ -32,6 +33,12 @@ def test_loss_falls_on_each_recipe(name, tmp_path):
 def test_gpt_chars_ends_with_a_generated_sample(tmp_path):
     overrides = {**SHORT, **SMALL["gpt-chars"], "steps": 5, "sample_prompt": "def "}
     result, _, _ = run_recipe("gpt-chars", overrides, out_dir=tmp_path)
+    assert result.sample.startswith("def ") and len(result.sample) == len("def ") + 20
+
+
+def test_mamba_chars_ends_with_a_sample_decoded_over_the_states(tmp_path):
+    overrides = {**SHORT, **SMALL["mamba-chars"], "steps": 5, "sample_prompt": "def "}
+    result, _, _ = run_recipe("mamba-chars", overrides, out_dir=tmp_path)
     assert result.sample.startswith("def ") and len(result.sample) == len("def ") + 20
 
 
