@@ -11,7 +11,7 @@ the CUDA programming model, are not checked. Marked slow (building takes a minut
 
 import pytest
 import torch
-from cuda_emu import load_scan_emu
+from cuda_emu import load_simt_emu
 from test_selective_scan import ATOL, RTOL, cast, make_inputs, run
 
 from fastdl.ops import selective_scan_ref, selective_state_update_ref
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def emu():
-    return load_scan_emu()
+    return load_simt_emu()
 
 
 def emu_scan_fn(emu):

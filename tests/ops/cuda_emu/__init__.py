@@ -3,7 +3,8 @@
 The module has fwd / varlen_fwd / bwd / varlen_bwd with the signatures of the four fastdl ops, run by the
 real CUDA binding on CPU tensors, plus stats() and set_schedule(). Building takes a few minutes on two cores
 (the host compiler sees every kernel instantiation); the result is cached under build/cuda-emu.
-load_scan_emu builds the selective scan the same way (a minute), cached under build/cuda-emu-scan.
+load_simt_emu builds the selective scan, causal conv1d and RNN cell kernels the same way (a minute or two),
+cached under build/cuda-emu-simt.
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ SOURCES = ["emu_runtime.cpp", "flash_glue.cpp", "kernels_flash_launch.cpp", "ker
            "kernels_flash_fwd_bf16.cpp", "kernels_flash_bwd_fp16.cpp", "kernels_flash_bwd_bf16.cpp"]
 
 
-SCAN_SOURCES = ["emu_runtime.cpp", "scan_glue.cpp", "kernels_scan_fwd.cpp", "kernels_scan_bwd.cpp"]
+SIMT_SOURCES = ["emu_runtime.cpp", "simt_glue.cpp", "kernels_scan_fwd.cpp", "kernels_scan_bwd.cpp", "kernels_conv.cpp"]
+SIMT_BINDINGS = ["csrc/selective_scan/selective_scan_cuda.cpp", "csrc/causal_conv1d/causal_conv1d_cuda.cpp"]
 
 
 def load_flash_emu(verbose: bool = False):
     return _load("fastdl_flash_emu", SOURCES, ["csrc/flash_attn/flash_attn_cuda.cpp"], "cuda-emu", verbose)
 
 
-def load_scan_emu(verbose: bool = False):
-    """The CUDA selective scan (fwd / bwd / update with the signatures of the fastdl ops) on the emulator."""
-    return _load("fastdl_scan_emu", SCAN_SOURCES, ["csrc/selective_scan/selective_scan_cuda.cpp"], "cuda-emu-scan",
-                 verbose)
+def load_simt_emu(verbose: bool = False):
+    """The plain-CUDA kernels (common/cuda_simt.cuh) on the emulator, through their real bindings: selective
+    scan (fwd / bwd / update) and causal conv1d (conv_fwd / conv_bwd / conv_update), with the signatures of
+    the fastdl ops."""
+    return _load("fastdl_simt_emu", SIMT_SOURCES, SIMT_BINDINGS, "cuda-emu-simt", verbose)
 
 
 def _load(name: str, sources: list, bindings: list, build: str, verbose: bool):

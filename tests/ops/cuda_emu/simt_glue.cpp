@@ -1,9 +1,10 @@
-// Python module of the emulated CUDA selective scan: the real binding's functions
-// (csrc/selective_scan/selective_scan_cuda.cpp, compiled against the stub CUDA headers of include/) on
-// CPU tensors, with the kernels of selective_scan_kernel.cuh run by the emulator.
+// Python module of the emulated plain-CUDA kernels (those written against common/cuda_simt.cuh): the real
+// bindings' functions (csrc/selective_scan/selective_scan_cuda.cpp, csrc/causal_conv1d/causal_conv1d_cuda.cpp,
+// compiled against the stub CUDA headers of include/) on CPU tensors, the kernels run by the emulator.
 #include <torch/extension.h>
 
 #include "emu_runtime.h"
+#include "causal_conv1d/causal_conv1d_ops.h"
 #include "selective_scan/selective_scan_ops.h"
 
 namespace fastdl::selective_scan {
@@ -16,6 +17,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
 Tensor selective_state_update_cuda(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                    const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, bool);
 }  // namespace fastdl::selective_scan
+
+namespace fastdl::causal_conv1d {
+Tensor causal_conv1d_fwd_cuda(const Tensor&, const Tensor&, const OptTensor&, bool);
+std::tuple<Tensor, Tensor, Tensor> causal_conv1d_bwd_cuda(const Tensor&, const Tensor&, const OptTensor&,
+                                                          const Tensor&, bool);
+Tensor causal_conv1d_update_cuda(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, bool);
+}  // namespace fastdl::causal_conv1d
 
 namespace {
 
@@ -44,5 +52,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd);
   m.def("bwd", &bwd);
   m.def("update", &ss::selective_state_update_cuda);
+  m.def("conv_fwd", &fastdl::causal_conv1d::causal_conv1d_fwd_cuda);
+  m.def("conv_bwd", [](const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                       const at::Tensor& dout, bool silu) {
+    auto [dx, dw, db] = fastdl::causal_conv1d::causal_conv1d_bwd_cuda(x, w, b, dout, silu);
+    return std::vector<at::Tensor>{dx, dw, db};
+  });
+  m.def("conv_update", &fastdl::causal_conv1d::causal_conv1d_update_cuda);
   m.def("set_schedule", &emu::set_schedule, "thread visit order: 0 ascending, 1 descending, 2 random");
 }
