@@ -17,8 +17,10 @@ SOURCES = ["emu_runtime.cpp", "flash_glue.cpp", "kernels_flash_launch.cpp", "ker
            "kernels_flash_fwd_bf16.cpp", "kernels_flash_bwd_fp16.cpp", "kernels_flash_bwd_bf16.cpp"]
 
 
-SIMT_SOURCES = ["emu_runtime.cpp", "simt_glue.cpp", "kernels_scan_fwd.cpp", "kernels_scan_bwd.cpp", "kernels_conv.cpp"]
-SIMT_BINDINGS = ["csrc/selective_scan/selective_scan_cuda.cpp", "csrc/causal_conv1d/causal_conv1d_cuda.cpp"]
+SIMT_SOURCES = ["emu_runtime.cpp", "simt_glue.cpp", "kernels_scan_fwd.cpp", "kernels_scan_bwd.cpp", "kernels_conv.cpp",
+                "kernels_rnn_cell.cpp"]
+SIMT_BINDINGS = ["csrc/selective_scan/selective_scan_cuda.cpp", "csrc/causal_conv1d/causal_conv1d_cuda.cpp",
+                 "csrc/lstm/lstm_cuda.cpp"]
 
 
 def load_flash_emu(verbose: bool = False):
@@ -27,8 +29,9 @@ def load_flash_emu(verbose: bool = False):
 
 def load_simt_emu(verbose: bool = False):
     """The plain-CUDA kernels (common/cuda_simt.cuh) on the emulator, through their real bindings: selective
-    scan (fwd / bwd / update) and causal conv1d (conv_fwd / conv_bwd / conv_update), with the signatures of
-    the fastdl ops."""
+    scan (fwd / bwd / update), causal conv1d (conv_fwd / conv_bwd / conv_update) and the recurrent ops
+    (rnn_layer, rnn_layer_backward, lstm_cell, ...: the layer's GEMMs are torch's on the CPU), with the
+    signatures of the fastdl ops."""
     return _load("fastdl_simt_emu", SIMT_SOURCES, SIMT_BINDINGS, "cuda-emu-simt", verbose)
 
 

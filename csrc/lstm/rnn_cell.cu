@@ -1,0 +1,15 @@
+// The CUDA fused recurrent cells (rnn_cell_kernel.cuh) in fp32 and fp64 (fp64 for gradcheck).
+#include "lstm/rnn_cell_kernel.cuh"
+#include "lstm/rnn_cell_launch.h"
+
+namespace fastdl::rnn {
+
+cudaError_t launch_rnn_cell_fwd(const CellFwdParams& p, cudaStream_t stream) {
+  return p.dtype == DType::kFloat64 ? launch_cell_fwd<double>(p, stream) : launch_cell_fwd<float>(p, stream);
+}
+
+cudaError_t launch_rnn_cell_bwd(const CellBwdParams& p, cudaStream_t stream) {
+  return p.dtype == DType::kFloat64 ? launch_cell_bwd<double>(p, stream) : launch_cell_bwd<float>(p, stream);
+}
+
+}  // namespace fastdl::rnn
