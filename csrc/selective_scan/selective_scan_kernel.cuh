@@ -122,6 +122,32 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// x[t0 .. t0 + kScanItems) of a row with step stride `stride`, as fp32, 0 past L. A thread's 8 steps are
+// consecutive: with stride 1 and an aligned address they load as one vector (16 B for bf16 / fp16, two for
+// fp32), so a warp reads 256 consecutive elements: every sector fully used.
+template <typename T>
+__device__ __forceinline__ void load_steps(const T* x, int64_t stride, int64_t t0, int64_t L,
+                                           float (&out)[kScanItems]) {
+  if (stride == 1 && t0 + kScanItems <= L && cuda::is_aligned<kScanItems>(x + t0)) {
+    cuda::load_vector<kScanItems>(x + t0, out);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) out[i] = t0 + i < L ? to_math(x[(t0 + i) * stride]) : 0.0f;
+}
+
+// out[t0 .. min(t0 + kScanItems, L)) of a contiguous row, vectorized when whole and aligned.
+template <typename T>
+__device__ __forceinline__ void store_steps(T* out, int64_t t0, int64_t L, const float (&v)[kScanItems]) {
+  if (t0 + kScanItems <= L && cuda::is_aligned<kScanItems>(out + t0)) {
+    cuda::store_vector<kScanItems>(out + t0, v);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i)
+    if (t0 + i < L) out[t0 + i] = cuda::from_math<T>(v[i]);
+}
+
 // torch.nn.functional.softplus (beta 1, threshold 20) and its derivative.
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -151,13 +177,19 @@ struct Channel {
   // B_t[n] / C_t[n] of this thread's steps t0 .. t0 + kScanItems - 1 (0 past the end).
   __device__ __forceinline__ void load_bc(const ScanParams& p, int64_t n, int64_t t0, float (&Bt)[kScanItems],
                                           float (&Ct)[kScanItems]) const {
-    const float bw = Bw ? Bw[n * p.B_n_stride] : 0.0f, cw = Cw ? Cw[n * p.C_n_stride] : 0.0f;
+    if (Bv) {
+      load_steps(Bv + n * p.B_n_stride, p.B_l_stride, t0, p.seqlen, Bt);
+    } else {
+      const float bw = Bw[n * p.B_n_stride];
 #pragma unroll
-    for (int i = 0; i < kScanItems; ++i) {
-      const int64_t t = t0 + i;
-      const bool valid = t < p.seqlen;
-      Bt[i] = Bv ? (valid ? to_math(Bv[n * p.B_n_stride + t * p.B_l_stride]) : 0.0f) : bw;
-      Ct[i] = Cv ? (valid ? to_math(Cv[n * p.C_n_stride + t * p.C_l_stride]) : 0.0f) : cw;
+      for (int i = 0; i < kScanItems; ++i) Bt[i] = bw;
+    }
+    if (Cv) {
+      load_steps(Cv + n * p.C_n_stride, p.C_l_stride, t0, p.seqlen, Ct);
+    } else {
+      const float cw = Cw[n * p.C_n_stride];
+#pragma unroll
+      for (int i = 0; i < kScanItems; ++i) Ct[i] = cw;
     }
   }
 
@@ -165,15 +197,15 @@ struct Channel {
   // pairs (a, b) = (1, 0): the identity, so padding carries the state unchanged.
   __device__ __forceinline__ void load_u_delta(const ScanParams& p, int64_t t0, float (&uv)[kScanItems],
                                                float (&dv)[kScanItems], float (&draw)[kScanItems]) const {
+    load_steps(u, p.u_l_stride, t0, p.seqlen, uv);
+    load_steps(delta, p.delta_l_stride, t0, p.seqlen, draw);
 #pragma unroll
     for (int i = 0; i < kScanItems; ++i) {
-      const int64_t t = t0 + i;
-      if (t < p.seqlen) {
-        uv[i] = to_math(u[t * p.u_l_stride]);
-        draw[i] = to_math(delta[t * p.delta_l_stride]) + bias;
+      if (t0 + i < p.seqlen) {
+        draw[i] += bias;
         dv[i] = p.delta_softplus ? softplus(draw[i]) : draw[i];
       } else {
-        uv[i] = 0.0f, dv[i] = 0.0f, draw[i] = 0.0f;
+        dv[i] = 0.0f, draw[i] = 0.0f;
       }
     }
   }
@@ -230,18 +262,13 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_fwd_kernel(const 
       if (tid == kScanThreads - 1) sst(running + (par ^ 1) * N + n, h);  // padding steps are the identity
     }
 
-    T* out = static_cast<T*>(p.out) + row * L;
+    if (ch.z) {
+      float zv[kScanItems];
+      load_steps(ch.z, p.z_l_stride, t0, L, zv);
 #pragma unroll
-    for (int i = 0; i < kScanItems; ++i) {
-      const int64_t t = t0 + i;
-      if (t >= L) break;
-      float o = y[i];
-      if (ch.z) {
-        const float zz = to_math(ch.z[t * p.z_l_stride]);
-        o *= zz * sigmoid(zz);
-      }
-      out[t] = cuda::from_math<T>(o);
+      for (int i = 0; i < kScanItems; ++i) y[i] *= zv[i] * sigmoid(zv[i]);
     }
+    store_steps(static_cast<T*>(p.out) + row * L, t0, L, y);
   }
   __syncthreads();
   float* last = static_cast<float*>(p.last_state) + row * N;
@@ -287,17 +314,13 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_bwd_kernel(const 
   for (int64_t pass = n_pass - 1; pass >= 0; --pass, par ^= 1) {
     const int64_t c0 = pass * kScanChunk, t0 = c0 + int64_t(tid) * kScanItems;
     float uv[kScanItems], dv[kScanItems], draw[kScanItems], y[kScanItems], dy[kScanItems], go[kScanItems];
-    float du[kScanItems], ddv[kScanItems];
+    float du[kScanItems], ddv[kScanItems], zv[kScanItems];
     ch.load_u_delta(p, t0, uv, dv, draw);
+    load_steps(dout, p.dout_l_stride, t0, L, go);
+    if (ch.z) load_steps(ch.z, p.z_l_stride, t0, L, zv);
 #pragma unroll
     for (int i = 0; i < kScanItems; ++i) {
-      const int64_t t = t0 + i;
-      go[i] = t < L ? to_math(dout[t * p.dout_l_stride]) : 0.0f;
-      dy[i] = go[i];
-      if (ch.z && t < L) {
-        const float zz = to_math(ch.z[t * p.z_l_stride]);
-        dy[i] *= zz * sigmoid(zz);
-      }
+      dy[i] = ch.z ? go[i] * zv[i] * sigmoid(zv[i]) : go[i];
       y[i] = ch.D * uv[i];
       du[i] = ch.D * dy[i];
       ddv[i] = 0.0f;
@@ -364,23 +387,24 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_bwd_kernel(const 
       }
     }
 
-    T* du_out = static_cast<T*>(p.du) + row * L;
-    T* ddelta_out = static_cast<T*>(p.ddelta) + row * L;
-    T* dz_out = p.dz ? static_cast<T*>(p.dz) + row * L : nullptr;
+    float dz[kScanItems];
 #pragma unroll
     for (int i = 0; i < kScanItems; ++i) {
-      const int64_t t = t0 + i;
-      if (t >= L) break;
+      if (t0 + i >= L) {  // padding: nothing to add (its values are never stored)
+        ddv[i] = 0.0f, dz[i] = 0.0f;
+        continue;
+      }
       dD_acc += dy[i] * uv[i];
-      const float ddraw = p.delta_softplus ? ddv[i] * (draw[i] > 20.0f ? 1.0f : sigmoid(draw[i])) : ddv[i];
-      ddb_acc += ddraw;
-      du_out[t] = cuda::from_math<T>(du[i]);
-      ddelta_out[t] = cuda::from_math<T>(ddraw);
-      if (dz_out) {
-        const float zz = to_math(ch.z[t * p.z_l_stride]), s = sigmoid(zz);
-        dz_out[t] = cuda::from_math<T>(go[i] * y[i] * s * (1.0f + zz * (1.0f - s)));
+      ddv[i] = p.delta_softplus ? ddv[i] * (draw[i] > 20.0f ? 1.0f : sigmoid(draw[i])) : ddv[i];
+      ddb_acc += ddv[i];
+      if (ch.z) {
+        const float s = sigmoid(zv[i]);
+        dz[i] = go[i] * y[i] * s * (1.0f + zv[i] * (1.0f - s));
       }
     }
+    store_steps(static_cast<T*>(p.du) + row * L, t0, L, du);
+    store_steps(static_cast<T*>(p.ddelta) + row * L, t0, L, ddv);
+    if (p.dz) store_steps(static_cast<T*>(p.dz) + row * L, t0, L, dz);
   }
 
   dD_acc = warp_sum(dD_acc);
