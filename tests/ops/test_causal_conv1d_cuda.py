@@ -6,9 +6,10 @@ test_causal_conv1d_emu.py.
 
 import pytest
 import torch
-from test_causal_conv1d import ATOL, RTOL, make_inputs
 
 from fastdl.ops import causal_conv1d_fn, causal_conv1d_ref, causal_conv1d_update, causal_conv1d_update_ref
+
+from .test_causal_conv1d import ATOL, RTOL, make_inputs
 
 pytestmark = pytest.mark.cuda
 

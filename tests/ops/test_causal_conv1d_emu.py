@@ -7,10 +7,11 @@ Marked slow (building the emulator module takes a minute or two): run with --run
 
 import pytest
 import torch
-from cuda_emu import load_simt_emu
-from test_causal_conv1d import ATOL, RTOL, make_inputs
 
 from fastdl.ops import causal_conv1d_ref, causal_conv1d_update_ref
+
+from .cuda_emu import load_simt_emu
+from .test_causal_conv1d import ATOL, RTOL, make_inputs
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,8 @@ sequences (shrinking batch forward, growing in reverse), biases on and off, ever
 
 import pytest
 import torch
-from cuda_emu import load_simt_emu
+
+from .cuda_emu import load_simt_emu
 
 pytestmark = pytest.mark.slow
 

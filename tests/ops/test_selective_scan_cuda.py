@@ -6,9 +6,10 @@ also checked on the CPU by test_selective_scan_emu.py.
 
 import pytest
 import torch
-from test_selective_scan import ATOL, NAMES, RTOL, cast, make_inputs
 
 from fastdl.ops import selective_scan_fn, selective_scan_ref, selective_state_update, selective_state_update_ref
+
+from .test_selective_scan import ATOL, NAMES, RTOL, cast, make_inputs
 
 pytestmark = pytest.mark.cuda
 

@@ -11,10 +11,11 @@ the CUDA programming model, are not checked. Marked slow (building takes a minut
 
 import pytest
 import torch
-from cuda_emu import load_simt_emu
-from test_selective_scan import ATOL, RTOL, cast, make_inputs, run
 
 from fastdl.ops import selective_scan_ref, selective_state_update_ref
+
+from .cuda_emu import load_simt_emu
+from .test_selective_scan import ATOL, RTOL, cast, make_inputs, run
 
 pytestmark = pytest.mark.slow
 
