@@ -3,9 +3,10 @@
 //
 // rnn_layer: the input projection of all steps is one GEMM (X W_ih^T + b_ih (+ b_hh): [N, I] x [I, G*H]);
 // then per step the recurrent GEMM on the step's rows (cuBLAS through at::mm_out into a preallocated
-// buffer) and the fused cell kernel, which writes the new state and the activations the backward needs
-// into the workspace; with proj_size, one more GEMM per step (h = r W_hr^T). Two launches (three with a
-// projection) and a few row copies per step, all on the current stream, nothing synchronises.
+// buffer) and the fused cell kernel, which writes the new state, the step's output rows and everything the
+// backward needs into the workspace (h_{t-1}, activations, c_{t-1}, c_t); with proj_size, one more GEMM per
+// step (h = r W_hr^T) and two row copies. Two launches per step (plus a copy on the steps where packed
+// sequences end), all on the current stream; nothing synchronises.
 // rnn_layer_backward walks the steps in reverse: per step the fused cell backward and one GEMM
 // (d h_{t-1} = d gates W_hh); after the loop, d input and every weight gradient are one GEMM each over all
 // rows, and the bias gradients column sums. cuBLAS GEMMs and torch's reductions are deterministic, so two
@@ -98,10 +99,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cuda(const Tensor& input, c
     const int64_t t = step_at(s, reverse, k), bs = s.batch_sizes[t], off = s.offsets[t];
     const Tensor hs = h_state[cur], hn = h_state[1 - cur];
     const Tensor row = save_workspace ? rows(workspace, off, bs) : Tensor();
-    if (save_workspace) {
-      cols(row, L.hprev, P).copy_(rows(hs, 0, bs));
-      if (lstm) cols(row, L.cprev, H).copy_(rows(c_state, 0, bs));
-    }
     Tensor ghs = rows(gh, 0, bs);
     at::mm_out(ghs, rows(hs, 0, bs), wh.t());
 
@@ -121,16 +118,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cuda(const Tensor& input, c
     const Tensor r = proj ? (save_workspace ? cols(row, L.r, H) : rows(r_state, 0, bs)) : Tensor();
     c.h_out = proj ? r.data_ptr() : hn.data_ptr();
     c.h_out_stride = proj ? r.stride(0) : P;
-    if (save_workspace) c.saved = cols(row, L.saved, num_saved(mode) * H).data_ptr(), c.saved_stride = L.width;
-    cell_fwd_cuda(c);
-
-    if (save_workspace && lstm) cols(row, L.c, H).copy_(rows(c_state, 0, bs));
+    // The cell kernel also fills the workspace's h_{t-1}, c_{t-1}, c_t and (without projection) the output
+    // rows: one launch instead of four copies.
+    CellFwdCopies copies;
     Tensor out_t = rows(out, off, bs);
+    if (save_workspace) {
+      c.saved = cols(row, L.saved, num_saved(mode) * H).data_ptr(), c.saved_stride = L.width;
+      if (proj) {
+        cols(row, L.hprev, P).copy_(rows(hs, 0, bs));
+      } else {
+        copies.h_prev = cols(row, L.hprev, P).data_ptr(), copies.h_prev_stride = L.width;
+      }
+      if (lstm) {
+        copies.c_prev = cols(row, L.cprev, H).data_ptr(), copies.c_prev_stride = L.width;
+        copies.c_out = cols(row, L.c, H).data_ptr(), copies.c_out_stride = L.width;
+      }
+    }
+    if (!proj) copies.h_out = out_t.data_ptr(), copies.h_out_stride = P;
+    C10_CUDA_CHECK(launch_rnn_cell_fwd_copying(c, copies, at::cuda::getCurrentCUDAStream()));
+
     if (proj) {
       at::mm_out(out_t, r, wr->t());
       rows(hn, 0, bs).copy_(out_t);
-    } else {
-      out_t.copy_(rows(hn, 0, bs));
     }
     // Rows whose sequence ends here have their final state.
     const int64_t next = rows_at(s, reverse, k + 1);

@@ -5,7 +5,12 @@
 namespace fastdl::rnn {
 
 cudaError_t launch_rnn_cell_fwd(const CellFwdParams& p, cudaStream_t stream) {
-  return p.dtype == DType::kFloat64 ? launch_cell_fwd<double>(p, stream) : launch_cell_fwd<float>(p, stream);
+  return launch_rnn_cell_fwd_copying(p, CellFwdCopies{}, stream);
+}
+
+cudaError_t launch_rnn_cell_fwd_copying(const CellFwdParams& p, const CellFwdCopies& copies, cudaStream_t stream) {
+  return p.dtype == DType::kFloat64 ? launch_cell_fwd<double>(p, copies, stream)
+                                    : launch_cell_fwd<float>(p, copies, stream);
 }
 
 cudaError_t launch_rnn_cell_bwd(const CellBwdParams& p, cudaStream_t stream) {

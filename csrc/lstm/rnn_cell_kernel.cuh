@@ -14,10 +14,16 @@
 #include "common/cuda_simt.cuh"
 #include "common/cuda_utils.cuh"
 #include "lstm/lstm_params.h"
+#include "lstm/rnn_cell_launch.h"
 
 namespace fastdl::rnn {
 
 constexpr int kCellThreads = 256;
+
+struct CellFwdArgs {
+  CellFwdParams p;
+  CellFwdCopies copies;
+};
 
 namespace cell_detail {
 
@@ -49,7 +55,9 @@ __device__ __forceinline__ T* row(void* base, int64_t stride, int64_t b) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kCellThreads) rnn_cell_fwd_kernel(const CellFwdParams p) {
+__global__ void __launch_bounds__(kCellThreads) rnn_cell_fwd_kernel(const CellFwdArgs args) {
+  const CellFwdParams& p = args.p;
+  const CellFwdCopies& cp = args.copies;
   const int64_t H = p.hidden, n = p.batch * H;
   const T* b_ih = static_cast<const T*>(p.b_ih);
   const T* b_hh = static_cast<const T*>(p.b_hh);
@@ -62,29 +70,35 @@ __global__ void __launch_bounds__(kCellThreads) rnn_cell_fwd_kernel(const CellFw
     // x W_ih^T + b_ih and h W_hh^T + b_hh of gate block k at unit j.
     auto x_part = [&](int k) { return ig[k * H + j] + (b_ih ? b_ih[k * H + j] : T(0)); };
     auto h_part = [&](int k) { return hg[k * H + j] + (b_hh ? b_hh[k * H + j] : T(0)); };
+    T hy;
+    if (cp.h_prev) row<T>(cp.h_prev, cp.h_prev_stride, b)[j] = row<T>(p.h_prev, p.h_prev_stride, b)[j];
     if (p.mode == Mode::kLSTM) {
       const T i = sigmoid(x_part(0) + h_part(0));
       const T f = sigmoid(x_part(1) + h_part(1));
       const T g = tanh_(x_part(2) + h_part(2));
       const T o = sigmoid(x_part(3) + h_part(3));
-      const T c = f * row<T>(p.c_prev, p.c_prev_stride, b)[j] + i * g;  // read before c_out (may alias) is written
+      const T c0 = row<T>(p.c_prev, p.c_prev_stride, b)[j];  // read before c_out (may alias) is written
+      const T c = f * c0 + i * g;
       row<T>(p.c_out, p.c_out_stride, b)[j] = c;
-      row<T>(p.h_out, p.h_out_stride, b)[j] = o * tanh_(c);
+      hy = o * tanh_(c);
       if (s) s[j] = i, s[H + j] = f, s[2 * H + j] = g, s[3 * H + j] = o;
+      if (cp.c_prev) row<T>(cp.c_prev, cp.c_prev_stride, b)[j] = c0;
+      if (cp.c_out) row<T>(cp.c_out, cp.c_out_stride, b)[j] = c;
     } else if (p.mode == Mode::kGRU) {
       const T r = sigmoid(x_part(0) + h_part(0));
       const T z = sigmoid(x_part(1) + h_part(1));
       const T hn = h_part(2);
       const T nn = tanh_(x_part(2) + r * hn);
       const T hp = row<T>(p.h_prev, p.h_prev_stride, b)[j];
-      row<T>(p.h_out, p.h_out_stride, b)[j] = nn + z * (hp - nn);  // (1 - z) n + z h, as torch writes it
+      hy = nn + z * (hp - nn);  // (1 - z) n + z h, as torch writes it
       if (s) s[j] = r, s[H + j] = z, s[2 * H + j] = nn, s[3 * H + j] = hn;
     } else {
       const T pre = x_part(0) + h_part(0);
-      const T hy = p.mode == Mode::kRNNTanh ? tanh_(pre) : (pre > T(0) ? pre : T(0));
-      row<T>(p.h_out, p.h_out_stride, b)[j] = hy;
+      hy = p.mode == Mode::kRNNTanh ? tanh_(pre) : (pre > T(0) ? pre : T(0));
       if (s) s[j] = hy;
     }
+    row<T>(p.h_out, p.h_out_stride, b)[j] = hy;
+    if (cp.h_out) row<T>(cp.h_out, cp.h_out_stride, b)[j] = hy;
   }
 }
 
@@ -135,9 +149,9 @@ inline unsigned cell_blocks(int64_t n) {
 }  // namespace cell_detail
 
 template <typename T>
-cudaError_t launch_cell_fwd(const CellFwdParams& p, cudaStream_t stream) {
+cudaError_t launch_cell_fwd(const CellFwdParams& p, const CellFwdCopies& copies, cudaStream_t stream) {
   return cuda::launch_kernel(&cell_detail::rnn_cell_fwd_kernel<T>, dim3(cell_detail::cell_blocks(p.batch * p.hidden)),
-                             kCellThreads, 0, stream, p);
+                             kCellThreads, 0, stream, CellFwdArgs{p, copies});
 }
 
 template <typename T>
