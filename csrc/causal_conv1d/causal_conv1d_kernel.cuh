@@ -196,7 +196,9 @@ __global__ void __launch_bounds__(kConvThreads) causal_conv1d_update_kernel(cons
   T* state = static_cast<T*>(p.conv_state) + b * p.state_batch_stride + d * p.state_d_stride;
   const T* x = static_cast<const T*>(p.x) + b * p.x_batch_stride + d * p.x_d_stride;
   // buf = [state, x]: buf(j) for 0 <= j < S + n.
-  auto buf = [&](int64_t j) { return j < S ? to_math(state[j * p.state_l_stride]) : to_math(x[(j - S) * p.x_l_stride]); };
+  auto buf = [&](int64_t j) {
+    return j < S ? to_math(state[j * p.state_l_stride]) : to_math(x[(j - S) * p.x_l_stride]);
+  };
   T* out = static_cast<T*>(p.out) + row * n;
   for (int64_t t = 0; t < n; ++t) {
     float acc = bias;

@@ -7,10 +7,10 @@
 // backward needs into the workspace (h_{t-1}, activations, c_{t-1}, c_t); with proj_size, one more GEMM per
 // step (h = r W_hr^T) and two row copies. Two launches per step (plus a copy on the steps where packed
 // sequences end), all on the current stream; nothing synchronises.
-// rnn_layer_backward walks the steps in reverse: per step the fused cell backward and one GEMM
-// (d h_{t-1} = d gates W_hh); after the loop, d input and every weight gradient are one GEMM each over all
-// rows, and the bias gradients column sums. cuBLAS GEMMs and torch's reductions are deterministic, so two
-// runs give bit-identical results.
+// rnn_layer_backward walks the steps in reverse: per step the fused cell backward (which also adds the step's
+// d output) and one GEMM (d h_{t-1} = d gates W_hh); after the loop, d input and every weight gradient are one
+// GEMM each over all rows, and the bias gradients column sums. cuBLAS GEMMs and torch's reductions are
+// deterministic, so two runs give bit-identical results.
 //
 // The workspace has the CPU layout (lstm_params.h's workspace_layout), so shapes and the fake kernels agree.
 // Dtypes as on the CPU: fp32, fp64 (gradcheck) and bf16, which is converted to fp32 at the boundary (the
@@ -218,7 +218,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
         g_cy ? rows(dc, next, bs - next).copy_(rows(*g_cy, next, bs - next)) : rows(dc, next, bs - next).zero_();
     }
     Tensor dhs = rows(dh, 0, bs);
-    if (g_out) dhs.add_(rows(g_out2, off, bs));
+    // Without projection the cell kernel adds the step's d output as it reads d h (one launch less).
+    const Tensor g_out_t = g_out ? rows(g_out2, off, bs) : Tensor();
+    if (g_out && proj) dhs.add_(g_out_t);
     Tensor grad_h = dhs;
     if (proj) {
       // h_t = r_t W_hr^T: keep d h_t for grad_w_hr, and d r_t = d h_t W_hr feeds the cell.
@@ -246,7 +248,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
       c.grad_hgates = rows(dgh, off, bs).data_ptr(), c.grad_hgates_stride = GH;
       c.grad_h_prev = dh.data_ptr(), c.grad_h_prev_stride = P;  // z * d h; the W_hh path is added below
     }
-    cell_bwd_cuda(c);
+    const bool add = g_out && !proj;
+    C10_CUDA_CHECK(launch_rnn_cell_bwd_adding(c, add ? g_out_t.data_ptr() : nullptr, add ? g_out_t.stride(0) : 0,
+                                              at::cuda::getCurrentCUDAStream()));
     // d h_{t-1} (+)= d gates_h W_hh
     if (gru) {
       dhs.addmm_(rows(dgh, off, bs), wh);

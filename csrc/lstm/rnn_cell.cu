@@ -14,7 +14,13 @@ cudaError_t launch_rnn_cell_fwd_copying(const CellFwdParams& p, const CellFwdCop
 }
 
 cudaError_t launch_rnn_cell_bwd(const CellBwdParams& p, cudaStream_t stream) {
-  return p.dtype == DType::kFloat64 ? launch_cell_bwd<double>(p, stream) : launch_cell_bwd<float>(p, stream);
+  return launch_rnn_cell_bwd_adding(p, nullptr, 0, stream);
+}
+
+cudaError_t launch_rnn_cell_bwd_adding(const CellBwdParams& p, const void* grad_h_add, int64_t grad_h_add_stride,
+                                       cudaStream_t stream) {
+  return p.dtype == DType::kFloat64 ? launch_cell_bwd<double>(p, grad_h_add, grad_h_add_stride, stream)
+                                    : launch_cell_bwd<float>(p, grad_h_add, grad_h_add_stride, stream);
 }
 
 }  // namespace fastdl::rnn

@@ -25,6 +25,12 @@ struct CellFwdArgs {
   CellFwdCopies copies;
 };
 
+struct CellBwdArgs {
+  CellBwdParams p;
+  const void* grad_h_add;  // [batch, H] added to grad_h (the layer's d output of the step), or nullptr
+  int64_t grad_h_add_stride;
+};
+
 namespace cell_detail {
 
 template <typename T>
@@ -103,14 +109,16 @@ __global__ void __launch_bounds__(kCellThreads) rnn_cell_fwd_kernel(const CellFw
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kCellThreads) rnn_cell_bwd_kernel(const CellBwdParams p) {
+__global__ void __launch_bounds__(kCellThreads) rnn_cell_bwd_kernel(const CellBwdArgs args) {
+  const CellBwdParams& p = args.p;
   const int64_t H = p.hidden, n = p.batch * H;
   const T one(1);
   for (int64_t idx = int64_t(blockIdx.x) * kCellThreads + threadIdx.x; idx < n;
        idx += int64_t(gridDim.x) * kCellThreads) {
     const int64_t b = idx / H, j = idx % H;
     const T* gh = row<T>(p.grad_h, p.grad_h_stride, b);
-    const T dh = gh ? gh[j] : T(0);
+    const T* gadd = row<T>(args.grad_h_add, args.grad_h_add_stride, b);
+    const T dh = (gh ? gh[j] : T(0)) + (gadd ? gadd[j] : T(0));
     const T* s = row<T>(p.saved, p.saved_stride, b);
     T* dgx = row<T>(p.grad_igates, p.grad_igates_stride, b);
     if (p.mode == Mode::kLSTM) {
@@ -155,9 +163,10 @@ cudaError_t launch_cell_fwd(const CellFwdParams& p, const CellFwdCopies& copies,
 }
 
 template <typename T>
-cudaError_t launch_cell_bwd(const CellBwdParams& p, cudaStream_t stream) {
+cudaError_t launch_cell_bwd(const CellBwdParams& p, const void* grad_h_add, int64_t grad_h_add_stride,
+                            cudaStream_t stream) {
   return cuda::launch_kernel(&cell_detail::rnn_cell_bwd_kernel<T>, dim3(cell_detail::cell_blocks(p.batch * p.hidden)),
-                             kCellThreads, 0, stream, p);
+                             kCellThreads, 0, stream, CellBwdArgs{p, grad_h_add, grad_h_add_stride});
 }
 
 }  // namespace fastdl::rnn

@@ -27,5 +27,10 @@ struct CellFwdCopies {
 cudaError_t launch_rnn_cell_fwd(const CellFwdParams& p, cudaStream_t stream);
 cudaError_t launch_rnn_cell_fwd_copying(const CellFwdParams& p, const CellFwdCopies& copies, cudaStream_t stream);
 cudaError_t launch_rnn_cell_bwd(const CellBwdParams& p, cudaStream_t stream);
+// The same, with grad_h_add (nullptr, or [batch, H] with that row stride) added to p.grad_h as it is read: the
+// layer's backward passes the step's d output so that no separate add runs. Where the cell writes
+// grad_h_prev over grad_h (GRU), it writes z * (grad_h + grad_h_add).
+cudaError_t launch_rnn_cell_bwd_adding(const CellBwdParams& p, const void* grad_h_add, int64_t grad_h_add_stride,
+                                       cudaStream_t stream);
 
 }  // namespace fastdl::rnn

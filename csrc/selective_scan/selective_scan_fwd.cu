@@ -23,7 +23,8 @@ cudaError_t launch_selective_state_update(const StateUpdateParams& p, cudaStream
   switch (p.input_dtype) {
     case DType::kFloat32: return launch_state_update<float, float>(p, stream);
     case DType::kFloat16:
-      return fp32_state ? launch_state_update<__half, float>(p, stream) : launch_state_update<__half, __half>(p, stream);
+      return fp32_state ? launch_state_update<__half, float>(p, stream)
+                        : launch_state_update<__half, __half>(p, stream);
     case DType::kBFloat16:
       return fp32_state ? launch_state_update<__nv_bfloat16, float>(p, stream)
                         : launch_state_update<__nv_bfloat16, __nv_bfloat16>(p, stream);

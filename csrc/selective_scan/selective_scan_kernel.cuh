@@ -223,9 +223,8 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_fwd_kernel(const 
   float* ckpt = static_cast<float*>(p.checkpoints) + row * p.n_chunks * N;  // [n_chunks, dstate]
 
   for (int64_t n = tid; n < N; n += kScanThreads) {
-    const float h0 = p.initial_state ? static_cast<const float*>(
-                                           p.initial_state)[b * p.x0_batch_stride + d * p.x0_d_stride + n * p.x0_n_stride]
-                                     : 0.0f;
+    const float* x0 = static_cast<const float*>(p.initial_state);
+    const float h0 = x0 ? x0[b * p.x0_batch_stride + d * p.x0_d_stride + n * p.x0_n_stride] : 0.0f;
     sst(running + n, h0);
     if (L > 0) ckpt[n] = h0;
   }
@@ -296,10 +295,8 @@ __global__ void __launch_bounds__(kScanThreads) selective_scan_bwd_kernel(const 
   const int64_t acc_off = b * p.n_groups * N * L + ch.g * N * L;  // [batch, n_groups, dstate, L]
 
   for (int64_t n = tid; n < N; n += kScanThreads) {
-    sst(carry + n, p.dlast_state ? static_cast<const float*>(
-                                       p.dlast_state)[b * p.dlast_batch_stride + d * p.dlast_d_stride +
-                                                      n * p.dlast_n_stride]
-                                 : 0.0f);
+    const float* dlast = static_cast<const float*>(p.dlast_state);
+    sst(carry + n, dlast ? dlast[b * p.dlast_batch_stride + d * p.dlast_d_stride + n * p.dlast_n_stride] : 0.0f);
     for (int w = 0; w < kScanWarps; ++w) {
       sst(sum_dA + w * N + n, 0.0f);
       sst(sum_dB + w * N + n, 0.0f);
@@ -553,7 +550,8 @@ cudaError_t launch_scan_bwd(const ScanBwdParams& p, float* scratch, cudaStream_t
   if (p.is_variable_B || p.is_variable_C) {
     const int64_t n = (p.is_variable_B + p.is_variable_C) * acc;  // the accumulators are adjacent
     float* first = p.is_variable_B ? a.dB_acc : a.dC_acc;
-    FASTDL_CUDA_CHECK(cuda::launch_kernel(&zero_kernel, dim3(elementwise_blocks(n)), 256, 0, stream, FillArgs{first, n}));
+    FASTDL_CUDA_CHECK(
+        cuda::launch_kernel(&zero_kernel, dim3(elementwise_blocks(n)), 256, 0, stream, FillArgs{first, n}));
   }
   const dim3 grid(static_cast<unsigned>(p.dim), static_cast<unsigned>(p.batch));
   FASTDL_CUDA_CHECK(
@@ -583,7 +581,8 @@ template <typename T, typename S>
 cudaError_t launch_state_update(const StateUpdateParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.dim, per_block = scan_detail::kUpdateThreads / 32;
   const dim3 grid(static_cast<unsigned>((rows + per_block - 1) / per_block));
-  return cuda::launch_kernel(&scan_detail::selective_state_update_kernel<T, S>, grid, scan_detail::kUpdateThreads, 0, stream, p);
+  return cuda::launch_kernel(&scan_detail::selective_state_update_kernel<T, S>, grid, scan_detail::kUpdateThreads, 0,
+                             stream, p);
 }
 
 }  // namespace fastdl::selective_scan

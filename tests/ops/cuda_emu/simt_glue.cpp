@@ -115,7 +115,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return as_list(rnn::gru_cell_backward_cuda(dh, hx, ws));
   });
   m.def("rnn_cell", [](const at::Tensor& ig, const at::Tensor& hg, const rnn::OptTensor& bi,
-                       const rnn::OptTensor& bh, bool relu) { return as_list(rnn::rnn_cell_cuda(ig, hg, bi, bh, relu)); });
+                       const rnn::OptTensor& bh, bool relu) {
+    return as_list(rnn::rnn_cell_cuda(ig, hg, bi, bh, relu));
+  });
   m.def("rnn_cell_backward", &rnn::rnn_cell_backward_cuda);
   m.def("set_schedule", &emu::set_schedule, "thread visit order: 0 ascending, 1 descending, 2 random");
 }
