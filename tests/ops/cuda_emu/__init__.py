@@ -3,6 +3,8 @@
 The module has fwd / varlen_fwd / bwd / varlen_bwd with the signatures of the four fastdl ops, run by the
 real CUDA binding on CPU tensors, plus stats() and set_schedule(). Building takes a few minutes on two cores
 (the host compiler sees every kernel instantiation); the result is cached under build/cuda-emu.
+load_simt_emu builds the selective scan, causal conv1d and RNN cell kernels the same way (a minute or two),
+cached under build/cuda-emu-simt.
 """
 
 from __future__ import annotations
@@ -15,18 +17,36 @@ SOURCES = ["emu_runtime.cpp", "flash_glue.cpp", "kernels_flash_launch.cpp", "ker
            "kernels_flash_fwd_bf16.cpp", "kernels_flash_bwd_fp16.cpp", "kernels_flash_bwd_bf16.cpp"]
 
 
+SIMT_SOURCES = ["emu_runtime.cpp", "simt_glue.cpp", "kernels_scan_fwd.cpp", "kernels_scan_bwd.cpp", "kernels_conv.cpp",
+                "kernels_rnn_cell.cpp"]
+SIMT_BINDINGS = ["csrc/selective_scan/selective_scan_cuda.cpp", "csrc/causal_conv1d/causal_conv1d_cuda.cpp",
+                 "csrc/lstm/lstm_cuda.cpp"]
+
+
 def load_flash_emu(verbose: bool = False):
+    return _load("fastdl_flash_emu", SOURCES, ["csrc/flash_attn/flash_attn_cuda.cpp"], "cuda-emu", verbose)
+
+
+def load_simt_emu(verbose: bool = False):
+    """The plain-CUDA kernels (common/cuda_simt.cuh) on the emulator, through their real bindings: selective
+    scan (fwd / bwd / update), causal conv1d (conv_fwd / conv_bwd / conv_update) and the recurrent ops
+    (rnn_layer, rnn_layer_backward, lstm_cell, ...: the layer's GEMMs are torch's on the CPU), with the
+    signatures of the fastdl ops."""
+    return _load("fastdl_simt_emu", SIMT_SOURCES, SIMT_BINDINGS, "cuda-emu-simt", verbose)
+
+
+def _load(name: str, sources: list, bindings: list, build: str, verbose: bool):
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     cuda_include = pathlib.Path(CUDA_HOME or "/usr/local/cuda") / "include"
     if not (cuda_include / "cuda_fp16.h").exists():
         raise RuntimeError(f"the CUDA emulator needs the CUDA headers (cuda_fp16.h) under {cuda_include}")
-    build_dir = ROOT / "build" / "cuda-emu"
+    build_dir = ROOT / "build" / build
     build_dir.mkdir(parents=True, exist_ok=True)
     return load(
-        name="fastdl_flash_emu",
-        sources=[str(HERE / s) for s in SOURCES] + [str(ROOT / "csrc/flash_attn/flash_attn_cuda.cpp")],
-        # Order matters: the emulator's flash_ptx.cuh and CUDA-header stubs shadow the real ones.
+        name=name,
+        sources=[str(HERE / s) for s in sources] + [str(ROOT / b) for b in bindings],
+        # Order matters: the emulator's flash_ptx.cuh, common/cuda_simt.cuh and CUDA-header stubs shadow the real ones.
         extra_include_paths=[str(HERE / "include"), str(HERE), str(ROOT / "csrc"), str(cuda_include)],
         # Strict aliasing stays on (-O2): it once turned a uint4 read through __half* into garbage here.
         extra_cflags=["-O2", "-std=c++17", "-Wno-unknown-pragmas", "-Wno-unused-parameter"],

@@ -33,7 +33,7 @@ using fastdl::flash_attn::flash_smem;
 using fastdl::flash_attn::kSmemCap;
 
 enum class St { kRun, kBar, kWarp, kDone };
-enum class Op { kNone, kLdm, kMma, kShfl, kSyncWarp };
+enum class Op { kNone, kLdm, kMma, kShfl, kShflFrom, kSyncWarp };
 
 struct Copy {
   unsigned char* dst;
@@ -61,6 +61,7 @@ struct Thr {
   // shfl
   float fval = 0, fres = 0;
   int lane_mask = 0;
+  int src_lane = 0;
   // cp.async
   std::vector<std::vector<Copy>> groups;
   std::vector<Copy> open;
@@ -386,6 +387,12 @@ void run_cta() {
             lanes[l]->fres = lanes[l ^ lanes[l]->lane_mask]->fval;
           }
           break;
+        case Op::kShflFrom:
+          for (int l = 0; l < 32; ++l) {
+            const int s = lanes[l]->src_lane;
+            lanes[l]->fres = (s >= 0 && s < 32) ? lanes[s]->fval : lanes[l]->fval;
+          }
+          break;
         case Op::kSyncWarp: g_wepoch[w]++; break;
         default: fail("unknown collective");
       }
@@ -435,6 +442,17 @@ float shfl_xor(float v, int lane_mask) {
   wait_warp(Op::kShfl);
   return g_cur->fres;
 }
+
+float shfl_from(float v, int src_lane) {
+  g_cur->fval = v;
+  g_cur->src_lane = src_lane;
+  wait_warp(Op::kShflFrom);
+  return g_cur->fres;
+}
+
+unsigned char* shared_base() { return flash_smem; }
+void shared_read(const void* p, size_t bytes) { smem_read(g_cur->tid, p, bytes, "shared load"); }
+void shared_write(const void* p, size_t bytes) { smem_write(g_cur->tid, p, bytes, "shared store"); }
 
 void ldmatrix(uint32_t* out, int num, bool trans, const void* smem_addr) {
   g_cur->addr = static_cast<const unsigned char*>(smem_addr);

@@ -25,6 +25,14 @@ const dim3& grid_dim();
 void sync_threads();
 void sync_warp();
 float shfl_xor(float v, int lane_mask);
+// Each lane reads v of lane src_lane (its own v when src_lane is outside [0, 32)): shfl.idx/up/down.
+float shfl_from(float v, int src_lane);
+
+// The block's shared memory, and the race / bounds checks of a plain shared access by this thread
+// (include/common/cuda_simt.cuh routes the scan, conv and RNN kernels' accesses through them).
+unsigned char* shared_base();
+void shared_read(const void* p, size_t bytes);
+void shared_write(const void* p, size_t bytes);
 
 // num matrices (1, 2, 4), .trans or not; writes num registers.
 void ldmatrix(uint32_t* out, int num, bool trans, const void* smem_addr);

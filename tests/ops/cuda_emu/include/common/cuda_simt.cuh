@@ -1,0 +1,68 @@
+// The emulator's csrc/common/cuda_simt.cuh: the same primitives, executed by emu_runtime on the host,
+// plus the CUDA built-ins the kernels use (threadIdx, __syncthreads, ...), since the host compiler
+// builds the kernels here. Shared loads and stores are checked for races and bounds; shuffles are warp
+// collectives; atomics are plain adds (the threads of the emulator are cooperative fibers, switched only
+// at collectives). A primitive added to the real header needs its twin here.
+#pragma once
+#include <cuda_runtime.h>
+#include <vector_functions.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "emu_runtime.h"
+
+#ifndef __launch_bounds__
+#define __launch_bounds__(...)
+#endif
+
+#define threadIdx (::emu::thread_idx())
+#define blockIdx (::emu::block_idx())
+#define blockDim (::emu::block_dim())
+#define gridDim (::emu::grid_dim())
+
+inline void __syncthreads() { emu::sync_threads(); }
+
+namespace fastdl::cuda {
+
+inline unsigned char* dynamic_smem() { return emu::shared_base(); }
+
+template <typename V>
+inline V sld(const V* p) {
+  emu::shared_read(p, sizeof(V));
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+inline void sst(V* p, V v) {
+  emu::shared_write(p, sizeof(V));
+  std::memcpy(p, &v, sizeof(V));
+}
+
+inline float shfl_up(float v, int delta) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  return emu::shfl_from(v, lane >= delta ? lane - delta : lane);
+}
+inline float shfl_down(float v, int delta) {
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  return emu::shfl_from(v, lane + delta < 32 ? lane + delta : lane);
+}
+inline float shfl_xor(float v, int lane_mask) { return emu::shfl_xor(v, lane_mask); }
+
+inline void atomic_add(float* p, float v) { *p += v; }
+
+// Registers nothing: these kernels' global accesses are plain pointers, not checked by the emulator.
+template <typename Args>
+cudaError_t launch_kernel(void (*kernel)(Args), dim3 grid, int threads, int smem_bytes, cudaStream_t,
+                          const Args& args) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
+  if (smem_bytes > 99 * 1024) return cudaErrorInvalidValue;  // what sm_86/89 allow a block
+  emu::launch([&] { kernel(args); }, grid, threads, smem_bytes);
+  return cudaSuccess;
+}
+
+}  // namespace fastdl::cuda

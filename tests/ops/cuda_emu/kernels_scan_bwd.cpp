@@ -1,0 +1,2 @@
+// selective_scan_bwd.cu compiled by the host compiler against the emulator's common/cuda_simt.cuh.
+#include "selective_scan/selective_scan_bwd.cu"
