@@ -3,5 +3,6 @@
 from fastdl.models.char_rnn import CharRNN, CharRNNConfig
 from fastdl.models.gpt import GPT, GPTConfig
 from fastdl.models.mlp import MLP, MLPConfig
+from fastdl.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
-__all__ = ["CharRNN", "CharRNNConfig", "GPT", "GPTConfig", "MLP", "MLPConfig"]
+__all__ = ["CharRNN", "CharRNNConfig", "GPT", "GPTConfig", "MLP", "MLPConfig", "Seq2Seq", "Seq2SeqConfig"]
