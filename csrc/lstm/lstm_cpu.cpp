@@ -50,6 +50,7 @@ void zero_rows(int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
 enum Slot : int {
   kWihT, kWhhT, kWhrT, kGatesX, kGatesH, kHState, kCState, kRState,                    // forward
   kGradGatesX, kGradGatesH, kGradH, kGradC, kGradHAll, kGradR, kGWihT, kGWhhT, kGWhrT,  // backward
+  kPackedWih, kPackedWhh,                                                               // backward, fp32
   kNumSlots
 };
 
@@ -100,23 +101,24 @@ inline void brgemm_block(int64_t m, int64_t n, int64_t K, const float* A, int64_
                                 /*is_vnni=*/false);
 }
 
-// One forward step (fp32) in a single parallel region: a task takes 32 hidden units x 32 rows, runs
-// the recurrent GEMM for the units' G gate columns (G brgemm calls of 32 x 32 x P), then the cell on the
-// same block while its gates are in L1. One region per step instead of two (GEMM, then cell): a step
-// is ~0.2 ms at H = 512, and each region is a fork/join of the thread pool. The cell writes h to a
-// buffer other than h_prev, which other tasks are still reading.
-void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_t, float* gh, bool parallel) {
-  constexpr int64_t kBlock = 32;
-  const int64_t H = c.hidden, GH = num_gates(c.mode) * H, bs = c.batch;
-  const int64_t jt = (H + kBlock - 1) / kBlock, mt = (bs + kBlock - 1) / kBlock;
+// One forward step (fp32) in a single parallel region: a task takes gb = 32 hidden units x 32 rows, runs
+// the recurrent GEMM for the units' G gates as one brgemm call of 32 x (G * 32) x P on their packed panel
+// of W_hh^T (gate-blocked: the G gates' 32 columns side by side, one contiguous [P, G * 32] block, 256 KB
+// for an LSTM at P = 512), then the cell on the same block while its gates are in L1. One region per step
+// instead of two (GEMM, then cell): a step is ~0.2 ms at H = 512, and each region is a fork/join of the
+// thread pool. The cell writes h to a buffer other than h_prev, which other tasks are still reading.
+void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_packed, float* gh,
+                bool parallel) {
+  constexpr int64_t kRows = 32;
+  const int64_t gb = c.gate_block, H = c.hidden, bs = c.batch, nb = num_gates(c.mode) * gb;
+  const int64_t jt = (H + gb - 1) / gb, mt = (bs + kRows - 1) / kRows, ldg = c.hgates_stride;
   const int64_t tasks = jt * mt;
-  const bool small = !parallel || bs * GH * P < (int64_t(1) << 19);
+  const bool small = !parallel || bs * jt * nb * P < (int64_t(1) << 19);
   at::parallel_for(0, tasks, small ? tasks : 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t j0 = (task % jt) * kBlock, m0 = (task / jt) * kBlock;
-      const int64_t n = std::min(kBlock, H - j0), m = std::min(kBlock, bs - m0);
-      for (int64_t k = 0; k < num_gates(c.mode); ++k)
-        brgemm_block(m, n, P, h_prev + m0 * P, P, w_hh_t + k * H + j0, GH, gh + m0 * GH + k * H + j0, GH);
+      const int64_t q = task % jt, m0 = (task / jt) * kRows;
+      const int64_t j0 = q * gb, n = std::min(gb, H - j0), m = std::min(kRows, bs - m0);
+      brgemm_block(m, nb, P, h_prev + m0 * P, P, w_hh_packed + q * P * nb, nb, gh + m0 * ldg + q * nb, ldg);
       for (int64_t b = m0; b < m0 + m; ++b) cpu::cell_forward_block<float>(c, b, j0, j0 + n);
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
@@ -143,6 +145,14 @@ void layer_forward(const LayerParams& p) {
   const T* w_hh = static_cast<const T*>(p.w_hh_t ? p.w_hh_t : p.w_hh);
   const T* w_hr = static_cast<const T*>(p.w_hr_t ? p.w_hr_t : p.w_hr);
   const bool ih_t = p.w_ih_t == nullptr, hh_t = p.w_hh_t == nullptr, hr_t = p.w_hr_t == nullptr;
+  // Gate-blocked (p.gate_block > 0, fp32 brgemm): w_ih_t / w_hh_t are packed panels and the gate rows
+  // (gates_x, gates_h) are GHp = ceil(H / gb) * G * gb wide, in the cell's gate-blocked column order.
+  const int64_t gb = p.gate_block, G = num_gates(p.mode);
+  const int64_t GHp = gb ? (H + gb - 1) / gb * G * gb : GH;
+  auto gate_col = [&](int64_t col) {  // gate-major column k * H + j -> its column in a gates row
+    const int64_t k = col / H, j = col % H;
+    return gb ? (j / gb) * G * gb + k * gb + j % gb : col;
+  };
 
   // Biases go into the input projection: b_ih + b_hh for LSTM / RNN; GRU keeps b_hh in the cell,
   // where b_hn is scaled by r.
@@ -150,8 +160,8 @@ void layer_forward(const LayerParams& p) {
   const T* b_hh = static_cast<const T*>(p.b_hh);
   std::vector<T> bias_x;
   if (b_ih || (b_hh && !gru)) {
-    bias_x.assign(GH, T(0));
-    for (int64_t j = 0; j < GH; ++j) bias_x[j] = (b_ih ? b_ih[j] : T(0)) + (b_hh && !gru ? b_hh[j] : T(0));
+    bias_x.assign(GHp, T(0));
+    for (int64_t j = 0; j < GH; ++j) bias_x[gate_col(j)] = (b_ih ? b_ih[j] : T(0)) + (b_hh && !gru ? b_hh[j] : T(0));
   }
 
   // The state buffers start as h0 / c0 for every row: a row joins the recurrence when its sequence
@@ -172,8 +182,19 @@ void layer_forward(const LayerParams& p) {
       const int64_t r0 = std::min(p.offsets[ta], p.offsets[tb]);
       const int64_t r1 = std::max(p.offsets[ta] + p.batch_sizes[ta], p.offsets[tb] + p.batch_sizes[tb]);
       if (!bias_x.empty())
-        for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(gx + r * GH, bias_x.data(), GH * sizeof(T));
-      gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, !bias_x.empty(), gx, GH);
+        for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(gx + r * GHp, bias_x.data(), GHp * sizeof(T));
+#if FASTDL_RNN_BRGEMM
+      if constexpr (std::is_same_v<T, float>) {
+        if (gb) {
+          cpu::brgemm_packed(r1 - r0, GHp, I, x + r0 * I, I, w_ih, G * gb, !bias_x.empty(), gx, GHp, true);
+        } else {
+          gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, !bias_x.empty(), gx, GH);
+        }
+      } else
+#endif
+      {
+        gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, !bias_x.empty(), gx, GH);
+      }
       chunk_row0 = r0;
     }
     const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
@@ -187,8 +208,9 @@ void layer_forward(const LayerParams& p) {
     c.dtype = p.dtype;
     c.batch = bs;
     c.hidden = H;
-    c.igates = gx + (off - chunk_row0) * GH, c.igates_stride = GH;
-    c.hgates = gh, c.hgates_stride = GH;
+    c.igates = gx + (off - chunk_row0) * GHp, c.igates_stride = GHp;
+    c.hgates = gh, c.hgates_stride = GHp;
+    c.gate_block = gb;
     c.b_hh = gru ? b_hh : nullptr;
     c.h_prev = hs, c.h_prev_stride = P;
     if (lstm) {
@@ -201,7 +223,7 @@ void layer_forward(const LayerParams& p) {
     c.saved = row ? row + L.saved : nullptr, c.saved_stride = Wd;
 #if FASTDL_RNN_BRGEMM
     if constexpr (std::is_same_v<T, float>) {
-      if (!hh_t) {
+      if (gb) {
         fused_step(c, hs, P, w_hh, gh, par);
       } else {
         gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, P, false, gh, GH, par);
@@ -281,6 +303,33 @@ void layer_backward(const LayerBwdParams& q) {
   const int64_t nchunks = (p.seq_len + p.chunk_steps - 1) / p.chunk_steps;
   const bool par = parallel_steps(p.batch, GH, P);
 
+  // The GEMMs by W_hh (every step) and W_ih (every chunk) read them as B, [G*H, P or I] row-major: for
+  // fp32 brgemm packed into 32-column panels once per call (cpu::brgemm_packed).
+  constexpr int64_t kPanel = 32;
+  const T* w_ih = static_cast<const T*>(p.w_ih);
+  T* w_hh_packed = nullptr;
+  T* w_ih_packed = nullptr;
+#if FASTDL_RNN_BRGEMM
+  if constexpr (std::is_same_v<T, float>) {
+    w_hh_packed = scratch(kPackedWhh, {(P + kPanel - 1) / kPanel, GH, kPanel}, dtype).template data_ptr<T>();
+    cpu::pack_b<T>(false, GH, P, w_hh, P, kPanel, w_hh_packed);
+    if (q.grad_input) {
+      w_ih_packed = scratch(kPackedWih, {(I + kPanel - 1) / kPanel, GH, kPanel}, dtype).template data_ptr<T>();
+      cpu::pack_b<T>(false, GH, I, w_ih, I, kPanel, w_ih_packed);
+    }
+  }
+#endif
+  // C[M, N] (+)= A[M, G*H] W[G*H, N], W packed or not.
+  auto times_w = [&](int64_t M, int64_t N, const T* A, const T* W, const T* W_packed, bool accumulate, T* C,
+                     bool parallel) {
+#if FASTDL_RNN_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (W_packed) return cpu::brgemm_packed(M, N, GH, A, GH, W_packed, kPanel, accumulate, C, N, parallel);
+    }
+#endif
+    gemm<T>(false, false, M, N, GH, A, GH, W, N, accumulate, C, N, parallel);
+  };
+
   for (int64_t chunk = nchunks - 1; chunk >= 0; --chunk) {
     const int64_t k_lo = chunk * p.chunk_steps, k_hi = std::min(p.seq_len, k_lo + p.chunk_steps) - 1;
     const auto [r0, r1] = chunk_rows(p, k_lo, k_hi);
@@ -328,7 +377,7 @@ void layer_backward(const LayerBwdParams& q) {
       }
       cpu::cell_backward<T>(c, par);
       // d h_{t-1} (+)= d gates_h W_hh
-      gemm<T>(false, false, bs, P, GH, dgh + (off - r0) * GH, GH, w_hh, P, gru, dh, P, par);
+      times_w(bs, P, dgh + (off - r0) * GH, w_hh, w_hh_packed, gru, dh, par);
 
       // Rows that joined at this step took h0 / c0.
       const int64_t joined = rows_at(p, k - 1);
@@ -341,9 +390,7 @@ void layer_backward(const LayerBwdParams& q) {
     // This chunk's share of d input and of the weight gradients (W^T += operand^T d gates).
     const int64_t nr = r1 - r0;
     const bool acc = chunk != nchunks - 1;
-    if (q.grad_input)
-      gemm<T>(false, false, nr, I, GH, dgx, GH, static_cast<const T*>(p.w_ih), I, false,
-              static_cast<T*>(q.grad_input) + r0 * I, I);
+    if (q.grad_input) times_w(nr, I, dgx, w_ih, w_ih_packed, false, static_cast<T*>(q.grad_input) + r0 * I, true);
     gemm<T>(false, false, I, GH, nr, transposed(X + r0 * I, nr, I, I).template data_ptr<T>(), nr, dgx, GH, acc,
             w_ih_t.data_ptr<T>(), GH);
     gemm<T>(false, false, P, GH, nr, transposed(ws + r0 * Wd + L.hprev, nr, P, Wd).template data_ptr<T>(), nr, dgh,
@@ -396,6 +443,24 @@ void fill_layer(LayerParams& p, const LayerShape& s, bool reverse) {
   p.offsets = s.offsets.data();
 }
 
+// Units per gate-blocked tile of the fp32 forward (lstm_params.h); 0 where brgemm is not built in.
+constexpr int64_t kGateBlock = FASTDL_RNN_BRGEMM ? 32 : 0;
+
+// w [G*H, K] (row-major, nn.LSTM's layout) -> packed [ceil(H / gb), K, G * gb]: panel q holds W^T's
+// columns of units [q * gb, (q + 1) * gb), gate by gate, zero past H.
+void pack_gate_blocked(const Tensor& w, int64_t G, int64_t H, int64_t gb, Tensor& out) {
+  const int64_t K = w.size(1), full = H / gb, nq = (H + gb - 1) / gb;
+  Tensor dst = out.view({nq, K, G, gb});
+  const Tensor src = w.view({G, H, K});
+  if (full > 0)
+    dst.narrow(0, 0, full).copy_(src.narrow(1, 0, full * gb).view({G, full, gb, K}).permute({1, 3, 0, 2}));
+  if (full < nq) {
+    Tensor last = dst.select(0, full);  // [K, G, gb]
+    last.zero_();
+    last.narrow(2, 0, H - full * gb).copy_(src.narrow(1, full * gb, H - full * gb).permute({2, 0, 1}));
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, const std::optional<Tensor>& batch_sizes,
                                                          const Tensor& hx, const std::optional<Tensor>& cx,
                                                          const Tensor& w_ih, const Tensor& w_hh,
@@ -413,11 +478,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   const Tensor x = as_math(input), h0 = as_math(hx), wi = as_math(w_ih), wh = as_math(w_hh);
   const auto c0 = lstm ? as_math(cx) : std::nullopt;
   const auto bi = as_math(b_ih), bh = as_math(b_hh), wr = as_math(w_hr);
-  // Transposed once per call, read by every step's GEMM (1 MB each at H = 512).
+  // Transposed once per call, read by every step's GEMM (4 MB each at H = 512); for fp32 brgemm packed
+  // into gate-blocked panels (lstm_params.h), so that a step's 32-unit tile reads one contiguous block.
   const auto mtype = math_type(dtype);
-  Tensor wi_t = scratch(kWihT, {s.input_size, GH}, mtype), wh_t = scratch(kWhhT, {P, GH}, mtype);
-  wi_t.copy_(wi.t());
-  wh_t.copy_(wh.t());
+  const int64_t gb = kGateBlock && mtype == at::kFloat ? kGateBlock : 0;
+  const int64_t GHp = gb ? (s.hidden + gb - 1) / gb * num_gates(mode) * gb : GH;
+  Tensor wi_t = scratch(kWihT, {s.input_size, GHp}, mtype), wh_t = scratch(kWhhT, {P, GHp}, mtype);
+  if (gb) {
+    pack_gate_blocked(wi, num_gates(mode), s.hidden, gb, wi_t);
+    pack_gate_blocked(wh, num_gates(mode), s.hidden, gb, wh_t);
+  } else {
+    wi_t.copy_(wi.t());
+    wh_t.copy_(wh.t());
+  }
   Tensor wr_t = wr ? scratch(kWhrT, {s.hidden, P}, mtype).copy_(wr->t()) : Tensor();
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = P;
@@ -429,8 +502,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   // Input projection in chunks of ~256 rows: large enough for an efficient GEMM, small enough to stay
   // in L2 until the steps read it (a whole-sequence buffer is 32 MB at T = 128, B = 32, 4H = 2048).
   const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
-  Tensor gates_x = scratch(kGatesX, {std::min(s.rows, chunk_steps * s.batch), GH}, mtype);
-  Tensor gates_h = scratch(kGatesH, {s.batch, GH}, mtype);
+  Tensor gates_x = scratch(kGatesX, {std::min(s.rows, chunk_steps * s.batch), GHp}, mtype);
+  Tensor gates_h = scratch(kGatesH, {s.batch, GHp}, mtype);
   Tensor h_state = scratch(kHState, {2, s.batch, P}, mtype);
   Tensor c_state = lstm ? scratch(kCState, {s.batch, s.hidden}, mtype) : Tensor();
   Tensor r_state = s.proj > 0 ? scratch(kRState, {s.batch, s.hidden}, mtype) : Tensor();
@@ -439,6 +512,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   fill_layer(p, s, reverse);
   p.dtype = to_dtype(dtype);
   p.chunk_steps = chunk_steps;
+  p.gate_block = gb;
   p.input = x.data_ptr();
   p.h0 = h0.data_ptr();
   p.c0 = ptr(c0);
@@ -556,7 +630,43 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
           to_result(grad_b_hh, dtype), to_result(grad_w_hr, dtype)};
 }
 
-// ---- single cells: the two GEMMs are the caller's (F.linear), the op fuses the rest ----------------
+// ---- the cells' GEMMs: out = input weight^T with weight [N, K] as nn.LSTMCell stores it ---------------
+
+template <typename Fn>
+void dispatch_math(at::ScalarType t, const Fn& fn) {
+  t == at::kDouble ? fn(double()) : fn(float());
+}
+
+Tensor rnn_linear_cpu(const Tensor& input, const Tensor& weight) {
+  const char* op = "rnn_linear";
+  SameKind same(op, input, "input");
+  same(weight, "weight");
+  TORCH_CHECK(input.dim() == 2, op, ": input must be [batch, in_features], got ", shape_str(input.sizes()));
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input.size(1), op, ": weight must be [out_features, ",
+              input.size(1), "] (in_features of input ", shape_str(input.sizes()), "), got ", shape_str(weight.sizes()));
+  const int64_t B = input.size(0), K = input.size(1), N = weight.size(0);
+  const auto dtype = input.scalar_type();
+  const auto mtype = math_type(dtype);
+  const Tensor x = as_math(input), w = as_math(weight);
+  Tensor out = at::empty({B, N}, input.options().dtype(mtype));
+  if (B == 0 || N == 0) return to_result(out, dtype);
+  if (K == 0) return to_result(out.zero_(), dtype);
+  // One step is not worth a fork/join below 64 MFLOP per thread (parallel_steps).
+  const bool par = parallel_steps(B, N, K);
+  dispatch_math(mtype, [&](auto v) {
+    using T = decltype(v);
+#if FASTDL_RNN_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      cpu::linear_nt(B, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, out.data_ptr<T>(), N, par);
+      return;
+    }
+#endif
+    gemm<T>(false, true, B, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, false, out.data_ptr<T>(), N, par);
+  });
+  return to_result(out, dtype);
+}
+
+// ---- single cells: the two GEMMs are the caller's (rnn_linear), the op fuses the rest ---------------
 
 struct CellArgs {
   int64_t batch, hidden;
@@ -584,10 +694,6 @@ CellArgs check_cell(const char* op, Mode mode, const Tensor& igates, const Tenso
   return {B, H};
 }
 
-template <typename Fn>
-void dispatch_math(at::ScalarType t, const Fn& fn) {
-  t == at::kDouble ? fn(double()) : fn(float());
-}
 
 std::tuple<Tensor, Tensor, Tensor> lstm_cell_cpu(const Tensor& igates, const Tensor& hgates, const Tensor& cx,
                                                  const std::optional<Tensor>& b_ih, const std::optional<Tensor>& b_hh) {
@@ -736,6 +842,7 @@ Tensor rnn_cell_backward_cpu(const Tensor& grad_hy, const Tensor& workspace, boo
 TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
   m.impl("rnn_layer", &fastdl::rnn::rnn_layer_cpu);
   m.impl("rnn_layer_backward", &fastdl::rnn::rnn_layer_backward_cpu);
+  m.impl("rnn_linear", &fastdl::rnn::rnn_linear_cpu);
   m.impl("lstm_cell", &fastdl::rnn::lstm_cell_cpu);
   m.impl("lstm_cell_backward", &fastdl::rnn::lstm_cell_backward_cpu);
   m.impl("gru_cell", &fastdl::rnn::gru_cell_cpu);
