@@ -18,9 +18,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "lstm/lstm_cell_cpu.h"
@@ -72,6 +75,71 @@ at::Tensor scratch(Slot slot, c10::IntArrayRef sizes, at::ScalarType dtype) {
   }
   return at::from_blob(buf.ptr, sizes, at::TensorOptions().dtype(dtype));
 }
+
+// Memory for the layer's workspace (an op output, saved by autograd until the backward has run). At
+// B = 32, T = 128, H = 512 it is 58 MB: above glibc's largest mmap threshold (32 MB), so every forward
+// would map fresh pages and every backward unmap them. perf of a single-threaded forward + backward: 14% of
+// the time in the kernel (page faults, zeroing pages, unmapping). A freed workspace therefore returns here
+// and the next call of the same size takes it back; blocks are 2 MB aligned and advised for transparent
+// huge pages, so a new one faults in 2 MB at a time. At most kMaxCached bytes are kept, in kMaxBlocks
+// blocks; the rest go back to the OS.
+class WorkspacePool {
+ public:
+  static WorkspacePool& get() {
+    static WorkspacePool* pool = new WorkspacePool();  // never destroyed: tensors may outlive static destructors
+    return *pool;
+  }
+
+  at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options) {
+    const size_t bytes = std::max<size_t>(1, c10::multiply_integers(sizes) * options.dtype().itemsize());
+    void* ptr = take(bytes);
+    return at::from_blob(ptr, sizes, [this, bytes](void* p) { give_back(p, bytes); }, options);
+  }
+
+ private:
+  static constexpr size_t kAlign = size_t(2) << 20, kMaxCached = size_t(512) << 20, kMaxBlocks = 4;
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // The smallest cached block that fits without wasting more than half of it.
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].bytes >= bytes && free_[i].bytes <= 2 * bytes && (best == free_.size() || free_[i].bytes < free_[best].bytes))
+          best = i;
+      if (best < free_.size()) {
+        void* ptr = free_[best].ptr;
+        cached_ -= free_[best].bytes;
+        free_.erase(free_.begin() + best);
+        return ptr;
+      }
+    }
+    void* ptr = nullptr;
+    TORCH_CHECK(posix_memalign(&ptr, kAlign, bytes) == 0, "rnn_layer: cannot allocate a workspace of ", bytes,
+                " bytes");
+    madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint: fine to fail where THP is off
+    return ptr;
+  }
+
+  void give_back(void* ptr, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back({ptr, bytes});
+    cached_ += bytes;
+    while (cached_ > kMaxCached || free_.size() > kMaxBlocks) {  // drop the oldest first
+      cached_ -= free_.front().bytes;
+      std::free(free_.front().ptr);
+      free_.erase(free_.begin());
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> free_;
+  size_t cached_ = 0;
+};
 
 // Whether one step's recurrent GEMM is split across threads. A step is a fork/join of the thread
 // pool, and on a machine shared with other jobs one descheduled thread stalls the join for a whole
@@ -497,8 +565,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   Tensor output = at::empty(out_shape, mopts);
   Tensor hy = at::empty({s.batch, P}, mopts);
   Tensor cy = lstm ? at::empty({s.batch, s.hidden}, mopts) : at::empty({0}, input.options());
-  Tensor workspace = save_workspace ? at::empty({s.rows, workspace_layout(mode, s.hidden, s.proj).width}, mopts)
-                                    : at::empty({0}, mopts);
+  Tensor workspace = save_workspace
+                         ? WorkspacePool::get().empty({s.rows, workspace_layout(mode, s.hidden, s.proj).width}, mopts)
+                         : at::empty({0}, mopts);
   // Input projection in chunks of ~256 rows: large enough for an efficient GEMM, small enough to stay
   // in L2 until the steps read it (a whole-sequence buffer is 32 MB at T = 128, B = 32, 4H = 2048).
   const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
