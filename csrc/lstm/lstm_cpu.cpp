@@ -1,7 +1,7 @@
 // Recurrent cells and sequence layers on CPU: LSTM (with optional projection), GRU, tanh/ReLU RNN.
 //
 // One rnn_layer call runs a whole layer-direction with the time loop in C++:
-//   1. gates_x = X W_ih^T + biases for a chunk of ~256 rows (8 steps at batch 32): one GEMM per chunk,
+//   1. gates_x = X W_ih^T for a chunk of ~256 rows (8 steps at batch 32): one GEMM per chunk,
 //      ~half the FLOPs of the layer, split across threads;
 //   2. per step t: gates_h = h_{t-1} W_hh^T on the step's rows and the fused cell (lstm_cell_cpu.h),
 //      tile by tile in one pass (fused_step), then for LSTM with proj_size h_t = r_t W_hr^T.
@@ -217,20 +217,20 @@ void layer_forward(const LayerParams& p) {
   // (gates_x, gates_h) are GHp = ceil(H / gb) * G * gb wide, in the cell's gate-blocked column order.
   const int64_t gb = p.gate_block, G = num_gates(p.mode);
   const int64_t GHp = gb ? (H + gb - 1) / gb * G * gb : GH;
-  auto gate_col = [&](int64_t col) {  // gate-major column k * H + j -> its column in a gates row
-    const int64_t k = col / H, j = col % H;
-    return gb ? (j / gb) * G * gb + k * gb + j % gb : col;
-  };
 
-  // Biases go into the input projection: b_ih + b_hh for LSTM / RNN; GRU keeps b_hh in the cell,
-  // where b_hn is scaled by r.
+  // Biases are added by the cell, on gates it has in L1 anyway: b_ih + b_hh summed once for LSTM / RNN;
+  // GRU keeps b_hn apart, scaled by r. (Folded into the input projection, as before, they cost a copy of
+  // the bias into every row of gates_x ahead of the GEMM: 32 MB of stores per forward at T = 128, B = 32,
+  // H = 512, and a read of C in each GEMM tile.)
   const T* b_ih = static_cast<const T*>(p.b_ih);
   const T* b_hh = static_cast<const T*>(p.b_hh);
-  std::vector<T> bias_x;
-  if (b_ih || (b_hh && !gru)) {
-    bias_x.assign(GHp, T(0));
-    for (int64_t j = 0; j < GH; ++j) bias_x[gate_col(j)] = (b_ih ? b_ih[j] : T(0)) + (b_hh && !gru ? b_hh[j] : T(0));
+  std::vector<T> bias_sum;
+  if (!gru && b_ih && b_hh) {
+    bias_sum.resize(GH);
+    for (int64_t j = 0; j < GH; ++j) bias_sum[j] = b_ih[j] + b_hh[j];
   }
+  const T* cell_b_ih = gru ? b_ih : (bias_sum.empty() ? (b_ih ? b_ih : b_hh) : bias_sum.data());
+  const T* cell_b_hh = gru ? b_hh : nullptr;
 
   // The state buffers start as h0 / c0 for every row: a row joins the recurrence when its sequence
   // starts (every row at the first step, or later in a reverse pass over a packed batch). h ping-pongs
@@ -244,24 +244,22 @@ void layer_forward(const LayerParams& p) {
   int64_t chunk_row0 = 0;
   for (int64_t k = 0; k < p.seq_len; ++k) {
     if (k % p.chunk_steps == 0) {
-      // x W_ih^T + bias for the next chunk of steps: their rows are contiguous in either direction.
+      // x W_ih^T for the next chunk of steps: their rows are contiguous in either direction.
       const int64_t k_last = std::min(p.seq_len, k + p.chunk_steps) - 1;
       const int64_t ta = step_at(p, k), tb = step_at(p, k_last);
       const int64_t r0 = std::min(p.offsets[ta], p.offsets[tb]);
       const int64_t r1 = std::max(p.offsets[ta] + p.batch_sizes[ta], p.offsets[tb] + p.batch_sizes[tb]);
-      if (!bias_x.empty())
-        for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(gx + r * GHp, bias_x.data(), GHp * sizeof(T));
 #if FASTDL_RNN_BRGEMM
       if constexpr (std::is_same_v<T, float>) {
         if (gb) {
-          cpu::brgemm_packed(r1 - r0, GHp, I, x + r0 * I, I, w_ih, G * gb, !bias_x.empty(), gx, GHp, true);
+          cpu::brgemm_packed(r1 - r0, GHp, I, x + r0 * I, I, w_ih, G * gb, false, gx, GHp, true);
         } else {
-          gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, !bias_x.empty(), gx, GH);
+          gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, false, gx, GH);
         }
       } else
 #endif
       {
-        gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, !bias_x.empty(), gx, GH);
+        gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, false, gx, GH);
       }
       chunk_row0 = r0;
     }
@@ -279,7 +277,8 @@ void layer_forward(const LayerParams& p) {
     c.igates = gx + (off - chunk_row0) * GHp, c.igates_stride = GHp;
     c.hgates = gh, c.hgates_stride = GHp;
     c.gate_block = gb;
-    c.b_hh = gru ? b_hh : nullptr;
+    c.b_ih = cell_b_ih;
+    c.b_hh = cell_b_hh;
     c.h_prev = hs, c.h_prev_stride = P;
     if (lstm) {
       c.c_prev = cs, c.c_prev_stride = H;
@@ -650,8 +649,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
   Tensor grad_c0 = lstm ? at::empty({s.batch, H}, mopts) : at::empty({0}, input.options());
   Tensor grad_w_ih = at::empty({GH, s.input_size}, mopts), grad_w_hh = at::empty({GH, P}, mopts);
   Tensor grad_w_hr = s.proj > 0 ? at::empty({P, H}, mopts) : at::empty({0}, input.options());
-  // Per-chunk scratch, as in the forward: chunk_steps * B rows of gate gradients.
-  const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
+  // Per-chunk scratch: chunk_steps * B rows of gate gradients. ~512 rows, twice the forward's chunk: the
+  // chunk's weight-gradient GEMMs accumulate into W^T (4 MB each at H = 512) once per chunk, so longer
+  // chunks halve that traffic, and K = 512 is where brgemm's weight-gradient tiles run best (see
+  // lstm_gemm_cpu.h). The chunks only group the backward's GEMMs; the forward's need not match.
+  const int64_t chunk_steps = std::max<int64_t>(1, 512 / std::max<int64_t>(1, s.batch));
   const int64_t chunk_rows = std::min(s.rows, chunk_steps * s.batch);
   Tensor dgx = scratch(kGradGatesX, {chunk_rows, GH}, mtype);
   Tensor dgh = gru ? scratch(kGradGatesH, {chunk_rows, GH}, mtype) : dgx;

@@ -141,7 +141,7 @@ struct LayerParams {
   void* hy = nullptr;            // [B, P or H]
   void* cy = nullptr;            // [B, H] LSTM
   void* workspace = nullptr;     // [N, workspace_layout().width], or nullptr (inference: nothing saved)
-  void* gates_x = nullptr;       // [chunk_steps * B, G*H] scratch: x W_ih^T + biases of a chunk of steps
+  void* gates_x = nullptr;       // [chunk_steps * B, G*H] scratch: x W_ih^T of a chunk of steps (the cell adds the biases)
                                  // (gate-blocked: rows ceil(H / gb) * G * gb wide)
   void* gates_h = nullptr;       // [B, G*H] scratch: h W_hh^T of one step (gate-blocked: as gates_x)
   void* h_state = nullptr;       // [2, B, P or H] scratch: the running hidden state (read one, write the other)
