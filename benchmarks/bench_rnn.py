@@ -1,6 +1,7 @@
 """fastdl.nn.LSTM / LSTMCell against torch.nn in the same run (CPU, fp32).
 
     PYTHONPATH=. python benchmarks/bench_rnn.py [--repeats 7] [--batch 32 --seq 128 --input 512 --hidden 512]
+    PYTHONPATH=. python benchmarks/bench_rnn.py --threads 1 --clock thread   # CPU time, one thread
 
 Reports the median of `repeats` timed runs (after a warm-up; torch and fastdl calls interleaved) and
 GFLOP/s counting the GEMMs only: per step 2 * B * (I + H) * 4H for the LSTM forward (input and
@@ -21,8 +22,9 @@ import torch
 import fastdl
 
 
-def median_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median wall time of each function, calls interleaved in rotating order so that load from other
+def median_times(fns: list[Callable[[], object]], repeats: int, clock: Callable[[], float] = time.perf_counter
+                 ) -> list[float]:
+    """Median time of each function by `clock`, calls interleaved in rotating order so that load from other
     processes on a shared machine falls on every contender alike."""
     for fn in fns:
         fn()  # warm-up: allocations, oneDNN primitive creation, brgemm kernel generation
@@ -30,9 +32,9 @@ def median_times(fns: list[Callable[[], object]], repeats: int) -> list[float]:
     for r in range(repeats):
         for i in range(len(fns)):
             j = (i + r) % len(fns)
-            start = time.perf_counter()
+            start = clock()
             fns[j]()
-            times[j].append(time.perf_counter() - start)
+            times[j].append(clock() - start)
     return [statistics.median(t) for t in times]
 
 
@@ -45,7 +47,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--cell-repeats", type=int, default=200)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave torch's default)")
+    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+                        help="wall: time.perf_counter; thread: time.thread_time, this thread's CPU time (user + "
+                             "system), insensitive to being descheduled on a loaded machine; use with --threads 1")
     args = parser.parse_args()
+    clock = time.perf_counter if args.clock == "wall" else time.thread_time
     if args.threads:
         torch.set_num_threads(args.threads)
     B, T, I, H = args.batch, args.seq, args.input, args.hidden
@@ -66,11 +72,11 @@ def main() -> None:
         out.sum().backward()
 
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, fastdl {fastdl.__version__} "
-          f"({fastdl.build_info()['cpu_vec_isa']})")
+          f"({fastdl.build_info()['cpu_vec_isa']}), clock {args.clock}")
     print(f"LSTM I={I} H={H} B={B} T={T}, fp32")
     rows = []
     for label, fn, flops in [("forward", forward, fwd_flops), ("forward+backward", train_step, 3 * fwd_flops)]:
-        t_ref, t_mod = median_times([lambda: fn(ref), lambda: fn(mod)], args.repeats)  # noqa: B023
+        t_ref, t_mod = median_times([lambda: fn(ref), lambda: fn(mod)], args.repeats, clock)  # noqa: B023
         rows.append((label, t_ref, t_mod, flops))
 
     cell_ref = torch.nn.LSTMCell(I, H)
@@ -80,7 +86,7 @@ def main() -> None:
     cell_flops = 2 * B * (I + H) * 4 * H
     for label, grad in [("LSTMCell step", True), ("LSTMCell step no_grad", False)]:
         with torch.set_grad_enabled(grad):
-            t_ref, t_mod = median_times([lambda: cell_ref(xc, hc), lambda: cell(xc, hc)], args.cell_repeats)
+            t_ref, t_mod = median_times([lambda: cell_ref(xc, hc), lambda: cell(xc, hc)], args.cell_repeats, clock)
         rows.append((label, t_ref, t_mod, cell_flops))
 
     print(f"{'case':<24}{'torch ms':>10}{'fastdl ms':>11}{'ratio':>8}{'torch GF/s':>12}{'fastdl GF/s':>13}")

@@ -140,6 +140,9 @@ TORCH_LIBRARY(fastdl, m) {
       "rnn_layer_backward(Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, Tensor input, Tensor? batch_sizes, "
       "Tensor hx, Tensor w_ih, Tensor w_hh, Tensor? w_hr, Tensor workspace, str mode, bool reverse, bool has_bias, "
       "bool input_grad) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The cells' GEMMs: input [B, K] times weight [N, K] transposed (nn.Linear's layout, no bias) -> [B, N].
+  // On CPU fp32 a brgemm with the weight as the streamed operand, so it is never transposed.
+  m.def("rnn_linear(Tensor input, Tensor weight) -> Tensor");
   // Fused LSTM cell on the two GEMM outputs [B, 4H] (torch's _thnn_fused_lstm_cell contract):
   // returns hy [B, H], cy [B, H], workspace [B, 4H] (i, f, g, o after activation).
   m.def(

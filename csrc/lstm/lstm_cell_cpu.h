@@ -67,19 +67,22 @@ inline void cell_forward_block(const CellFwdParams& p, int64_t b, int64_t j0, in
   const T* b_ih = static_cast<const T*>(p.b_ih);
   const T* b_hh = static_cast<const T*>(p.b_hh);
   {
-    const T* ig = Row<T>::at(p.igates, p.igates_stride, b);
-    const T* hg = Row<T>::at(p.hgates, p.hgates_stride, b);
+    // Gate k of unit j at ig[k * ks + j]: gate-major, or within the gate-blocked tile of j0's block.
+    const int64_t gb = p.gate_block, ks = gb ? gb : H;
+    const int64_t shift = gb ? (j0 / gb) * (num_gates(p.mode) - 1) * gb : 0;
+    const T* ig = Row<T>::at(p.igates, p.igates_stride, b) + shift;
+    const T* hg = Row<T>::at(p.hgates, p.hgates_stride, b) + shift;
     T* h = Row<T>::at(p.h_out, p.h_out_stride, b);
     T* s = Row<T>::at(p.saved, p.saved_stride, b);
     for (int64_t j = j0; j < j1; j += W) {
       const int64_t n = std::min(W, j1 - j);
       // x W_ih^T + b_ih and h W_hh^T + b_hh of gate block k, at columns j..j+n.
       auto x_part = [&](int k) {
-        V v = load(ig + k * H + j, n);
+        V v = load(ig + k * ks + j, n);
         return b_ih ? v + load(b_ih + k * H + j, n) : v;
       };
       auto h_part = [&](int k) {
-        V v = load(hg + k * H + j, n);
+        V v = load(hg + k * ks + j, n);
         return b_hh ? v + load(b_hh + k * H + j, n) : v;
       };
       if (p.mode == Mode::kLSTM) {

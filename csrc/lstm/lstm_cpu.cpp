@@ -1,7 +1,7 @@
 // Recurrent cells and sequence layers on CPU: LSTM (with optional projection), GRU, tanh/ReLU RNN.
 //
 // One rnn_layer call runs a whole layer-direction with the time loop in C++:
-//   1. gates_x = X W_ih^T + biases for a chunk of ~256 rows (8 steps at batch 32): one GEMM per chunk,
+//   1. gates_x = X W_ih^T for a chunk of ~256 rows (8 steps at batch 32): one GEMM per chunk,
 //      ~half the FLOPs of the layer, split across threads;
 //   2. per step t: gates_h = h_{t-1} W_hh^T on the step's rows and the fused cell (lstm_cell_cpu.h),
 //      tile by tile in one pass (fused_step), then for LSTM with proj_size h_t = r_t W_hr^T.
@@ -18,9 +18,12 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <sys/mman.h>
+
 #include <array>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <vector>
 
 #include "lstm/lstm_cell_cpu.h"
@@ -51,6 +54,7 @@ void zero_rows(int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
 enum Slot : int {
   kWihT, kWhhT, kWhrT, kGatesX, kGatesH, kHState, kCState, kRState,                    // forward
   kGradGatesX, kGradGatesH, kGradH, kGradC, kGradHAll, kGradR, kGWihT, kGWhhT, kGWhrT,  // backward
+  kPackedWih, kPackedWhh,                                                               // backward, fp32
   kNumSlots
 };
 
@@ -72,6 +76,71 @@ at::Tensor scratch(Slot slot, c10::IntArrayRef sizes, at::ScalarType dtype) {
   }
   return at::from_blob(buf.ptr, sizes, at::TensorOptions().dtype(dtype));
 }
+
+// Memory for the layer's workspace (an op output, saved by autograd until the backward has run). At
+// B = 32, T = 128, H = 512 it is 58 MB: above glibc's largest mmap threshold (32 MB), so every forward
+// would map fresh pages and every backward unmap them. perf of a single-threaded forward + backward: 14% of
+// the time in the kernel (page faults, zeroing pages, unmapping). A freed workspace therefore returns here
+// and the next call of the same size takes it back; blocks are 2 MB aligned and advised for transparent
+// huge pages, so a new one faults in 2 MB at a time. At most kMaxCached bytes are kept, in kMaxBlocks
+// blocks; the rest go back to the OS.
+class WorkspacePool {
+ public:
+  static WorkspacePool& get() {
+    static WorkspacePool* pool = new WorkspacePool();  // never destroyed: tensors may outlive static destructors
+    return *pool;
+  }
+
+  at::Tensor empty(c10::IntArrayRef sizes, const at::TensorOptions& options) {
+    const size_t bytes = std::max<size_t>(1, c10::multiply_integers(sizes) * options.dtype().itemsize());
+    void* ptr = take(bytes);
+    return at::from_blob(ptr, sizes, [this, bytes](void* p) { give_back(p, bytes); }, options);
+  }
+
+ private:
+  static constexpr size_t kAlign = size_t(2) << 20, kMaxCached = size_t(512) << 20, kMaxBlocks = 4;
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+
+  void* take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // The smallest cached block that fits without wasting more than half of it.
+      size_t best = free_.size();
+      for (size_t i = 0; i < free_.size(); ++i)
+        if (free_[i].bytes >= bytes && free_[i].bytes <= 2 * bytes && (best == free_.size() || free_[i].bytes < free_[best].bytes))
+          best = i;
+      if (best < free_.size()) {
+        void* ptr = free_[best].ptr;
+        cached_ -= free_[best].bytes;
+        free_.erase(free_.begin() + best);
+        return ptr;
+      }
+    }
+    void* ptr = nullptr;
+    TORCH_CHECK(posix_memalign(&ptr, kAlign, bytes) == 0, "rnn_layer: cannot allocate a workspace of ", bytes,
+                " bytes");
+    madvise(ptr, bytes, MADV_HUGEPAGE);  // a hint: fine to fail where THP is off
+    return ptr;
+  }
+
+  void give_back(void* ptr, size_t bytes) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    free_.push_back({ptr, bytes});
+    cached_ += bytes;
+    while (cached_ > kMaxCached || free_.size() > kMaxBlocks) {  // drop the oldest first
+      cached_ -= free_.front().bytes;
+      std::free(free_.front().ptr);
+      free_.erase(free_.begin());
+    }
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> free_;
+  size_t cached_ = 0;
+};
 
 // Whether one step's recurrent GEMM is split across threads. A step is a fork/join of the thread
 // pool, and on a machine shared with other jobs one descheduled thread stalls the join for a whole
@@ -101,23 +170,24 @@ inline void brgemm_block(int64_t m, int64_t n, int64_t K, const float* A, int64_
                                 /*is_vnni=*/false);
 }
 
-// One forward step (fp32) in a single parallel region: a task takes 32 hidden units x 32 rows, runs
-// the recurrent GEMM for the units' G gate columns (G brgemm calls of 32 x 32 x P), then the cell on the
-// same block while its gates are in L1. One region per step instead of two (GEMM, then cell): a step
-// is ~0.2 ms at H = 512, and each region is a fork/join of the thread pool. The cell writes h to a
-// buffer other than h_prev, which other tasks are still reading.
-void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_t, float* gh, bool parallel) {
-  constexpr int64_t kBlock = 32;
-  const int64_t H = c.hidden, GH = num_gates(c.mode) * H, bs = c.batch;
-  const int64_t jt = (H + kBlock - 1) / kBlock, mt = (bs + kBlock - 1) / kBlock;
+// One forward step (fp32) in a single parallel region: a task takes gb = 32 hidden units x 32 rows, runs
+// the recurrent GEMM for the units' G gates as one brgemm call of 32 x (G * 32) x P on their packed panel
+// of W_hh^T (gate-blocked: the G gates' 32 columns side by side, one contiguous [P, G * 32] block, 256 KB
+// for an LSTM at P = 512), then the cell on the same block while its gates are in L1. One region per step
+// instead of two (GEMM, then cell): a step is ~0.2 ms at H = 512, and each region is a fork/join of the
+// thread pool. The cell writes h to a buffer other than h_prev, which other tasks are still reading.
+void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_packed, float* gh,
+                bool parallel) {
+  constexpr int64_t kRows = 32;
+  const int64_t gb = c.gate_block, H = c.hidden, bs = c.batch, nb = num_gates(c.mode) * gb;
+  const int64_t jt = (H + gb - 1) / gb, mt = (bs + kRows - 1) / kRows, ldg = c.hgates_stride;
   const int64_t tasks = jt * mt;
-  const bool small = !parallel || bs * GH * P < (int64_t(1) << 19);
+  const bool small = !parallel || bs * jt * nb * P < (int64_t(1) << 19);
   at::parallel_for(0, tasks, small ? tasks : 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t j0 = (task % jt) * kBlock, m0 = (task / jt) * kBlock;
-      const int64_t n = std::min(kBlock, H - j0), m = std::min(kBlock, bs - m0);
-      for (int64_t k = 0; k < num_gates(c.mode); ++k)
-        brgemm_block(m, n, P, h_prev + m0 * P, P, w_hh_t + k * H + j0, GH, gh + m0 * GH + k * H + j0, GH);
+      const int64_t q = task % jt, m0 = (task / jt) * kRows;
+      const int64_t j0 = q * gb, n = std::min(gb, H - j0), m = std::min(kRows, bs - m0);
+      brgemm_block(m, nb, P, h_prev + m0 * P, P, w_hh_packed + q * P * nb, nb, gh + m0 * ldg + q * nb, ldg);
       for (int64_t b = m0; b < m0 + m; ++b) cpu::cell_forward_block<float>(c, b, j0, j0 + n);
     }
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
@@ -144,16 +214,24 @@ void layer_forward(const LayerParams& p) {
   const T* w_hh = static_cast<const T*>(p.w_hh_t ? p.w_hh_t : p.w_hh);
   const T* w_hr = static_cast<const T*>(p.w_hr_t ? p.w_hr_t : p.w_hr);
   const bool ih_t = p.w_ih_t == nullptr, hh_t = p.w_hh_t == nullptr, hr_t = p.w_hr_t == nullptr;
+  // Gate-blocked (p.gate_block > 0, fp32 brgemm): w_ih_t / w_hh_t are packed panels and the gate rows
+  // (gates_x, gates_h) are GHp = ceil(H / gb) * G * gb wide, in the cell's gate-blocked column order.
+  const int64_t gb = p.gate_block, G = num_gates(p.mode);
+  const int64_t GHp = gb ? (H + gb - 1) / gb * G * gb : GH;
 
-  // Biases go into the input projection: b_ih + b_hh for LSTM / RNN; GRU keeps b_hh in the cell,
-  // where b_hn is scaled by r.
+  // Biases are added by the cell, on gates it has in L1 anyway: b_ih + b_hh summed once for LSTM / RNN;
+  // GRU keeps b_hn apart, scaled by r. (Folded into the input projection, as before, they cost a copy of
+  // the bias into every row of gates_x ahead of the GEMM: 32 MB of stores per forward at T = 128, B = 32,
+  // H = 512, and a read of C in each GEMM tile.)
   const T* b_ih = static_cast<const T*>(p.b_ih);
   const T* b_hh = static_cast<const T*>(p.b_hh);
-  std::vector<T> bias_x;
-  if (b_ih || (b_hh && !gru)) {
-    bias_x.assign(GH, T(0));
-    for (int64_t j = 0; j < GH; ++j) bias_x[j] = (b_ih ? b_ih[j] : T(0)) + (b_hh && !gru ? b_hh[j] : T(0));
+  std::vector<T> bias_sum;
+  if (!gru && b_ih && b_hh) {
+    bias_sum.resize(GH);
+    for (int64_t j = 0; j < GH; ++j) bias_sum[j] = b_ih[j] + b_hh[j];
   }
+  const T* cell_b_ih = gru ? b_ih : (bias_sum.empty() ? (b_ih ? b_ih : b_hh) : bias_sum.data());
+  const T* cell_b_hh = gru ? b_hh : nullptr;
 
   // The state buffers start as h0 / c0 for every row: a row joins the recurrence when its sequence
   // starts (every row at the first step, or later in a reverse pass over a packed batch). h ping-pongs
@@ -167,14 +245,23 @@ void layer_forward(const LayerParams& p) {
   int64_t chunk_row0 = 0;
   for (int64_t k = 0; k < p.seq_len; ++k) {
     if (k % p.chunk_steps == 0) {
-      // x W_ih^T + bias for the next chunk of steps: their rows are contiguous in either direction.
+      // x W_ih^T for the next chunk of steps: their rows are contiguous in either direction.
       const int64_t k_last = std::min(p.seq_len, k + p.chunk_steps) - 1;
       const int64_t ta = step_at(p, k), tb = step_at(p, k_last);
       const int64_t r0 = std::min(p.offsets[ta], p.offsets[tb]);
       const int64_t r1 = std::max(p.offsets[ta] + p.batch_sizes[ta], p.offsets[tb] + p.batch_sizes[tb]);
-      if (!bias_x.empty())
-        for (int64_t r = 0; r < r1 - r0; ++r) std::memcpy(gx + r * GH, bias_x.data(), GH * sizeof(T));
-      gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, !bias_x.empty(), gx, GH);
+#if FASTDL_RNN_BRGEMM
+      if constexpr (std::is_same_v<T, float>) {
+        if (gb) {
+          cpu::brgemm_packed(r1 - r0, GHp, I, x + r0 * I, I, w_ih, G * gb, false, gx, GHp, true);
+        } else {
+          gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, false, gx, GH);
+        }
+      } else
+#endif
+      {
+        gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, false, gx, GH);
+      }
       chunk_row0 = r0;
     }
     const int64_t t = step_at(p, k), bs = p.batch_sizes[t], off = p.offsets[t];
@@ -188,9 +275,11 @@ void layer_forward(const LayerParams& p) {
     c.dtype = p.dtype;
     c.batch = bs;
     c.hidden = H;
-    c.igates = gx + (off - chunk_row0) * GH, c.igates_stride = GH;
-    c.hgates = gh, c.hgates_stride = GH;
-    c.b_hh = gru ? b_hh : nullptr;
+    c.igates = gx + (off - chunk_row0) * GHp, c.igates_stride = GHp;
+    c.hgates = gh, c.hgates_stride = GHp;
+    c.gate_block = gb;
+    c.b_ih = cell_b_ih;
+    c.b_hh = cell_b_hh;
     c.h_prev = hs, c.h_prev_stride = P;
     if (lstm) {
       c.c_prev = cs, c.c_prev_stride = H;
@@ -202,7 +291,7 @@ void layer_forward(const LayerParams& p) {
     c.saved = row ? row + L.saved : nullptr, c.saved_stride = Wd;
 #if FASTDL_RNN_BRGEMM
     if constexpr (std::is_same_v<T, float>) {
-      if (!hh_t) {
+      if (gb) {
         fused_step(c, hs, P, w_hh, gh, par);
       } else {
         gemm<T>(false, hh_t, bs, GH, P, hs, P, w_hh, P, false, gh, GH, par);
@@ -282,6 +371,33 @@ void layer_backward(const LayerBwdParams& q) {
   const int64_t nchunks = (p.seq_len + p.chunk_steps - 1) / p.chunk_steps;
   const bool par = parallel_steps(p.batch, GH, P);
 
+  // The GEMMs by W_hh (every step) and W_ih (every chunk) read them as B, [G*H, P or I] row-major: for
+  // fp32 brgemm packed into 32-column panels once per call (cpu::brgemm_packed).
+  constexpr int64_t kPanel = 32;
+  const T* w_ih = static_cast<const T*>(p.w_ih);
+  T* w_hh_packed = nullptr;
+  T* w_ih_packed = nullptr;
+#if FASTDL_RNN_BRGEMM
+  if constexpr (std::is_same_v<T, float>) {
+    w_hh_packed = scratch(kPackedWhh, {(P + kPanel - 1) / kPanel, GH, kPanel}, dtype).template data_ptr<T>();
+    cpu::pack_b<T>(false, GH, P, w_hh, P, kPanel, w_hh_packed);
+    if (q.grad_input) {
+      w_ih_packed = scratch(kPackedWih, {(I + kPanel - 1) / kPanel, GH, kPanel}, dtype).template data_ptr<T>();
+      cpu::pack_b<T>(false, GH, I, w_ih, I, kPanel, w_ih_packed);
+    }
+  }
+#endif
+  // C[M, N] (+)= A[M, G*H] W[G*H, N], W packed or not.
+  auto times_w = [&](int64_t M, int64_t N, const T* A, const T* W, const T* W_packed, bool accumulate, T* C,
+                     bool parallel) {
+#if FASTDL_RNN_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (W_packed) return cpu::brgemm_packed(M, N, GH, A, GH, W_packed, kPanel, accumulate, C, N, parallel);
+    }
+#endif
+    gemm<T>(false, false, M, N, GH, A, GH, W, N, accumulate, C, N, parallel);
+  };
+
   for (int64_t chunk = nchunks - 1; chunk >= 0; --chunk) {
     const int64_t k_lo = chunk * p.chunk_steps, k_hi = std::min(p.seq_len, k_lo + p.chunk_steps) - 1;
     const auto [r0, r1] = chunk_rows(p, k_lo, k_hi);
@@ -329,7 +445,7 @@ void layer_backward(const LayerBwdParams& q) {
       }
       cpu::cell_backward<T>(c, par);
       // d h_{t-1} (+)= d gates_h W_hh
-      gemm<T>(false, false, bs, P, GH, dgh + (off - r0) * GH, GH, w_hh, P, gru, dh, P, par);
+      times_w(bs, P, dgh + (off - r0) * GH, w_hh, w_hh_packed, gru, dh, par);
 
       // Rows that joined at this step took h0 / c0.
       const int64_t joined = rows_at(p, k - 1);
@@ -342,9 +458,7 @@ void layer_backward(const LayerBwdParams& q) {
     // This chunk's share of d input and of the weight gradients (W^T += operand^T d gates).
     const int64_t nr = r1 - r0;
     const bool acc = chunk != nchunks - 1;
-    if (q.grad_input)
-      gemm<T>(false, false, nr, I, GH, dgx, GH, static_cast<const T*>(p.w_ih), I, false,
-              static_cast<T*>(q.grad_input) + r0 * I, I);
+    if (q.grad_input) times_w(nr, I, dgx, w_ih, w_ih_packed, false, static_cast<T*>(q.grad_input) + r0 * I, true);
     gemm<T>(false, false, I, GH, nr, transposed(X + r0 * I, nr, I, I).template data_ptr<T>(), nr, dgx, GH, acc,
             w_ih_t.data_ptr<T>(), GH);
     gemm<T>(false, false, P, GH, nr, transposed(ws + r0 * Wd + L.hprev, nr, P, Wd).template data_ptr<T>(), nr, dgh,
@@ -385,6 +499,24 @@ void fill_layer(LayerParams& p, const LayerShape& s, bool reverse) {
   p.offsets = s.offsets.data();
 }
 
+// Units per gate-blocked tile of the fp32 forward (lstm_params.h); 0 where brgemm is not built in.
+constexpr int64_t kGateBlock = FASTDL_RNN_BRGEMM ? 32 : 0;
+
+// w [G*H, K] (row-major, nn.LSTM's layout) -> packed [ceil(H / gb), K, G * gb]: panel q holds W^T's
+// columns of units [q * gb, (q + 1) * gb), gate by gate, zero past H.
+void pack_gate_blocked(const Tensor& w, int64_t G, int64_t H, int64_t gb, Tensor& out) {
+  const int64_t K = w.size(1), full = H / gb, nq = (H + gb - 1) / gb;
+  Tensor dst = out.view({nq, K, G, gb});
+  const Tensor src = w.view({G, H, K});
+  if (full > 0)
+    dst.narrow(0, 0, full).copy_(src.narrow(1, 0, full * gb).view({G, full, gb, K}).permute({1, 3, 0, 2}));
+  if (full < nq) {
+    Tensor last = dst.select(0, full);  // [K, G, gb]
+    last.zero_();
+    last.narrow(2, 0, H - full * gb).copy_(src.narrow(1, full * gb, H - full * gb).permute({2, 0, 1}));
+  }
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, const std::optional<Tensor>& batch_sizes,
                                                          const Tensor& hx, const std::optional<Tensor>& cx,
                                                          const Tensor& w_ih, const Tensor& w_hh,
@@ -402,24 +534,33 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   const Tensor x = as_math(input), h0 = as_math(hx), wi = as_math(w_ih), wh = as_math(w_hh);
   const auto c0 = lstm ? as_math(cx) : std::nullopt;
   const auto bi = as_math(b_ih), bh = as_math(b_hh), wr = as_math(w_hr);
-  // Transposed once per call, read by every step's GEMM (1 MB each at H = 512).
+  // Transposed once per call, read by every step's GEMM (4 MB each at H = 512); for fp32 brgemm packed
+  // into gate-blocked panels (lstm_params.h), so that a step's 32-unit tile reads one contiguous block.
   const auto mtype = math_type(dtype);
-  Tensor wi_t = scratch(kWihT, {s.input_size, GH}, mtype), wh_t = scratch(kWhhT, {P, GH}, mtype);
-  wi_t.copy_(wi.t());
-  wh_t.copy_(wh.t());
+  const int64_t gb = kGateBlock && mtype == at::kFloat ? kGateBlock : 0;
+  const int64_t GHp = gb ? (s.hidden + gb - 1) / gb * num_gates(mode) * gb : GH;
+  Tensor wi_t = scratch(kWihT, {s.input_size, GHp}, mtype), wh_t = scratch(kWhhT, {P, GHp}, mtype);
+  if (gb) {
+    pack_gate_blocked(wi, num_gates(mode), s.hidden, gb, wi_t);
+    pack_gate_blocked(wh, num_gates(mode), s.hidden, gb, wh_t);
+  } else {
+    wi_t.copy_(wi.t());
+    wh_t.copy_(wh.t());
+  }
   Tensor wr_t = wr ? scratch(kWhrT, {s.hidden, P}, mtype).copy_(wr->t()) : Tensor();
   std::vector<int64_t> out_shape(input.sizes().begin(), input.sizes().end());
   out_shape.back() = P;
   Tensor output = at::empty(out_shape, mopts);
   Tensor hy = at::empty({s.batch, P}, mopts);
   Tensor cy = lstm ? at::empty({s.batch, s.hidden}, mopts) : at::empty({0}, input.options());
-  Tensor workspace = save_workspace ? at::empty({s.rows, workspace_layout(mode, s.hidden, s.proj).width}, mopts)
-                                    : at::empty({0}, mopts);
+  Tensor workspace = save_workspace
+                         ? WorkspacePool::get().empty({s.rows, workspace_layout(mode, s.hidden, s.proj).width}, mopts)
+                         : at::empty({0}, mopts);
   // Input projection in chunks of ~256 rows: large enough for an efficient GEMM, small enough to stay
   // in L2 until the steps read it (a whole-sequence buffer is 32 MB at T = 128, B = 32, 4H = 2048).
   const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
-  Tensor gates_x = scratch(kGatesX, {std::min(s.rows, chunk_steps * s.batch), GH}, mtype);
-  Tensor gates_h = scratch(kGatesH, {s.batch, GH}, mtype);
+  Tensor gates_x = scratch(kGatesX, {std::min(s.rows, chunk_steps * s.batch), GHp}, mtype);
+  Tensor gates_h = scratch(kGatesH, {s.batch, GHp}, mtype);
   Tensor h_state = scratch(kHState, {2, s.batch, P}, mtype);
   Tensor c_state = lstm ? scratch(kCState, {s.batch, s.hidden}, mtype) : Tensor();
   Tensor r_state = s.proj > 0 ? scratch(kRState, {s.batch, s.hidden}, mtype) : Tensor();
@@ -428,6 +569,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   fill_layer(p, s, reverse);
   p.dtype = to_dtype(dtype);
   p.chunk_steps = chunk_steps;
+  p.gate_block = gb;
   p.input = x.data_ptr();
   p.h0 = h0.data_ptr();
   p.c0 = ptr(c0);
@@ -496,8 +638,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
   Tensor grad_c0 = lstm ? at::empty({s.batch, H}, mopts) : at::empty({0}, input.options());
   Tensor grad_w_ih = at::empty({GH, s.input_size}, mopts), grad_w_hh = at::empty({GH, P}, mopts);
   Tensor grad_w_hr = s.proj > 0 ? at::empty({P, H}, mopts) : at::empty({0}, input.options());
-  // Per-chunk scratch, as in the forward: chunk_steps * B rows of gate gradients.
-  const int64_t chunk_steps = std::max<int64_t>(1, 256 / std::max<int64_t>(1, s.batch));
+  // Per-chunk scratch: chunk_steps * B rows of gate gradients. ~512 rows, twice the forward's chunk: the
+  // chunk's weight-gradient GEMMs accumulate into W^T (4 MB each at H = 512) once per chunk, so longer
+  // chunks halve that traffic, and K = 512 is where brgemm's weight-gradient tiles run best (see
+  // lstm_gemm_cpu.h). The chunks only group the backward's GEMMs; the forward's need not match.
+  const int64_t chunk_steps = std::max<int64_t>(1, 512 / std::max<int64_t>(1, s.batch));
   const int64_t chunk_rows = std::min(s.rows, chunk_steps * s.batch);
   Tensor dgx = scratch(kGradGatesX, {chunk_rows, GH}, mtype);
   Tensor dgh = gru ? scratch(kGradGatesH, {chunk_rows, GH}, mtype) : dgx;
@@ -545,6 +690,42 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> rnn_l
           to_result(grad_b_hh, dtype), to_result(grad_w_hr, dtype)};
 }
 
+// ---- the cells' GEMMs: out = input weight^T with weight [N, K] as nn.LSTMCell stores it ---------------
+
+template <typename Fn>
+void dispatch_math(at::ScalarType t, const Fn& fn) {
+  t == at::kDouble ? fn(double()) : fn(float());
+}
+
+Tensor rnn_linear_cpu(const Tensor& input, const Tensor& weight) {
+  const char* op = "rnn_linear";
+  SameKind same(op, input, "input");
+  same(weight, "weight");
+  TORCH_CHECK(input.dim() == 2, op, ": input must be [batch, in_features], got ", shape_str(input.sizes()));
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == input.size(1), op, ": weight must be [out_features, ",
+              input.size(1), "] (in_features of input ", shape_str(input.sizes()), "), got ", shape_str(weight.sizes()));
+  const int64_t B = input.size(0), K = input.size(1), N = weight.size(0);
+  const auto dtype = input.scalar_type();
+  const auto mtype = math_type(dtype);
+  const Tensor x = as_math(input), w = as_math(weight);
+  Tensor out = at::empty({B, N}, input.options().dtype(mtype));
+  if (B == 0 || N == 0) return to_result(out, dtype);
+  if (K == 0) return to_result(out.zero_(), dtype);
+  // One step is not worth a fork/join below 64 MFLOP per thread (parallel_steps).
+  const bool par = parallel_steps(B, N, K);
+  dispatch_math(mtype, [&](auto v) {
+    using T = decltype(v);
+#if FASTDL_RNN_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      cpu::linear_nt(B, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, out.data_ptr<T>(), N, par);
+      return;
+    }
+#endif
+    gemm<T>(false, true, B, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, false, out.data_ptr<T>(), N, par);
+  });
+  return to_result(out, dtype);
+}
+
 // ---- single cells: the op bodies are in rnn_cell_ops.h, shared with CUDA ----------------------------
 
 void cell_fwd_cpu(const CellFwdParams& p) {
@@ -560,5 +741,6 @@ void cell_bwd_cpu(const CellBwdParams& p) {
 TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
   m.impl("rnn_layer", &fastdl::rnn::rnn_layer_cpu);
   m.impl("rnn_layer_backward", &fastdl::rnn::rnn_layer_backward_cpu);
+  m.impl("rnn_linear", &fastdl::rnn::rnn_linear_cpu);
   FASTDL_REGISTER_RNN_CELL_IMPLS(m, fastdl::rnn::cell_fwd_cpu, fastdl::rnn::cell_bwd_cpu);
 }

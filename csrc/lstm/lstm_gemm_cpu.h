@@ -75,6 +75,64 @@ inline void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
     at::native::cpublas::brgemm_release(/*is_vnni=*/false);
   });
 }
+
+// B packed in panels of nb columns: panel j holds columns [j * nb, (j + 1) * nb) of the [K, N] matrix as a
+// contiguous [K, nb] block (zero past N). brgemm then streams one 64-256 KB block per output tile instead of
+// K rows at a stride of N floats (8 KB for 4H = 2048: 512 rows of two cache lines each, spread over 4 MB,
+// which the hardware prefetchers follow poorly).
+//
+// C[M, N] (+)= A[M, K] Bp, tiles of kTile rows x nb columns, K in chunks of 512 accumulated in place. Panel-
+// major tile order: a panel (<= 256 KB) stays in L2 while every row block of A passes over it.
+inline void brgemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t nb,
+                          bool add_C, float* C, int64_t ldc, bool parallel) {
+  constexpr int64_t kTile = 32, kChunk = 512;
+  const int64_t mt = (M + kTile - 1) / kTile, nt = (N + nb - 1) / nb;
+  const int64_t tiles = mt * nt;
+  const bool small = !parallel || tiles * kTile * nb * K < (int64_t(1) << 19);
+  at::parallel_for(0, tiles, small ? tiles : 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t m0 = (tile % mt) * kTile, j = tile / mt;
+      const int64_t m = std::min(kTile, M - m0), n = std::min(nb, N - j * nb);
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk)
+        at::native::cpublas::brgemm(m, n, std::min(kChunk, K - k0), lda, nb, ldc, add_C || k0 > 0, A + m0 * lda + k0,
+                                    Bp + (j * K + k0) * nb, C + m0 * ldc + j * nb, /*is_vnni=*/false);
+    }
+    at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+  });
+}
+#endif
+
+// Packs B ([K, N], row stride ldb; or stored transposed, [N, K], when trans_b) into brgemm_packed's panels
+// of nb columns: Bp [ceil(N / nb), K, nb], zero past column N. Bp must hold ceil(N / nb) * K * nb values.
+template <typename T>
+void pack_b(bool trans_b, int64_t K, int64_t N, const T* B, int64_t ldb, int64_t nb, T* Bp) {
+  const int64_t nt = (N + nb - 1) / nb;
+  const auto opts = at::TensorOptions().dtype(std::is_same_v<T, double> ? at::kDouble : at::kFloat);
+  at::Tensor src = trans_b ? at::from_blob(const_cast<T*>(B), {N, K}, {ldb, 1}, opts).t()
+                           : at::from_blob(const_cast<T*>(B), {K, N}, {ldb, 1}, opts);  // [K, N]
+  at::Tensor dst = at::from_blob(Bp, {nt, K, nb}, opts);
+  const int64_t full = N / nb;
+  if (full > 0) dst.narrow(0, 0, full).copy_(src.narrow(1, 0, full * nb).view({K, full, nb}).permute({1, 0, 2}));
+  if (full < nt) {
+    at::Tensor last = dst.select(0, full);
+    last.zero_();
+    last.narrow(1, 0, N - full * nb).copy_(src.narrow(1, full * nb, N - full * nb));
+  }
+}
+
+#if FASTDL_RNN_BRGEMM
+// out[M, N] = X[M, K] W[N, K]^T, W row-major as nn.Linear stores it, without transposing W: computed as
+// out^T = W X^T with W as brgemm's A operand (its rows stream once, contiguous), X^T ([K, M], small at
+// RNN batch sizes) as B, then out^T transposed back. For the cells, whose weights are not the op's to
+// keep transposed between calls: transposing W [2048, 512] costs about as much as the GEMM itself.
+inline void linear_nt(int64_t M, int64_t N, int64_t K, const float* X, int64_t ldx, const float* W, int64_t ldw,
+                      float* C, int64_t ldc, bool parallel) {
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor xt = at::from_blob(const_cast<float*>(X), {M, K}, {ldx, 1}, opts).t().contiguous();  // [K, M]
+  at::Tensor ct = at::empty({N, M}, opts);
+  brgemm_nn(N, M, K, W, ldw, xt.data_ptr<float>(), M, false, ct.data_ptr<float>(), M, parallel);
+  at::from_blob(C, {M, N}, {ldc, 1}, opts).copy_(ct.t());
+}
 #endif
 
 // C[M, N] (row stride ldc) = op(A) op(B) + (accumulate ? C : 0), with op(A) [M, K] and op(B) [K, N];

@@ -45,6 +45,10 @@ struct CellFwdParams {
   int64_t c_out_stride = 0;
   void* saved = nullptr;         // [batch, num_saved * H], or nullptr (inference)
   int64_t saved_stride = 0;
+  // Column layout of igates / hgates (biases and saved stay gate-major): 0: gate k of unit j at column
+  // k * H + j; gb > 0: gate-blocked, units in blocks of gb, block q's G gates side by side, so gate k of unit j
+  // is at column (j / gb) * G * gb + k * gb + j % gb. A gate-blocked cell is run on one block of units at a time.
+  int64_t gate_block = 0;
 };
 
 // The backward of one cell step. grad_h / grad_c may be nullptr (zero). grad_h_prev (GRU) and
@@ -126,7 +130,10 @@ struct LayerParams {
   const void* b_hh = nullptr;    // [G*H] or nullptr
   const void* w_hr = nullptr;    // [P, H] LSTM projection or nullptr
   // The same weights transposed ([I, G*H], [P, G*H], [H, P]), or nullptr: the CPU forward's GEMMs
-  // read them row-major.
+  // read them row-major. With gate_block = gb > 0, w_ih_t and w_hh_t are instead packed gate-blocked
+  // panels [ceil(H / gb), I or P, G * gb] (panel q: W^T's columns of units [q * gb, (q + 1) * gb), gate by
+  // gate, zero past H), and gates_x / gates_h rows are in CellFwdParams' gate-blocked column order.
+  int64_t gate_block = 0;
   const void* w_ih_t = nullptr;
   const void* w_hh_t = nullptr;
   const void* w_hr_t = nullptr;
@@ -134,8 +141,9 @@ struct LayerParams {
   void* hy = nullptr;            // [B, P or H]
   void* cy = nullptr;            // [B, H] LSTM
   void* workspace = nullptr;     // [N, workspace_layout().width], or nullptr (inference: nothing saved)
-  void* gates_x = nullptr;       // [chunk_steps * B, G*H] scratch: x W_ih^T + biases of a chunk of steps
-  void* gates_h = nullptr;       // [B, G*H] scratch: h W_hh^T of one step
+  void* gates_x = nullptr;       // [chunk_steps * B, G*H] scratch: x W_ih^T of a chunk of steps (the cell adds the biases)
+                                 // (gate-blocked: rows ceil(H / gb) * G * gb wide)
+  void* gates_h = nullptr;       // [B, G*H] scratch: h W_hh^T of one step (gate-blocked: as gates_x)
   void* h_state = nullptr;       // [2, B, P or H] scratch: the running hidden state (read one, write the other)
   void* c_state = nullptr;       // [B, H] scratch: the running cell state (LSTM)
   void* r_state = nullptr;       // [B, H] scratch: o * tanh(c) before the projection (LSTM with proj_size)

@@ -1,9 +1,12 @@
 """Datasets that need no download: a built-in text corpus (standard-library docstrings) with a
-character-level tokenizer, and 8x8 digits (scikit-learn's when installed, else procedural)."""
+character-level tokenizer, 8x8 digits (scikit-learn's when installed, else procedural), and synthetic
+digit-sequence tasks (reverse, sort, copy) for sequence-to-sequence models."""
 
 from fastdl.data.corpus import builtin_corpus, corpus_info
 from fastdl.data.digits import Digits, digits_datasets, load_digits, procedural_digits
+from fastdl.data.seq_tasks import digit_task_datasets, make_digit_task
 from fastdl.data.text import CharDataset, CharTokenizer, char_lm_datasets, load_text
 
 __all__ = ["builtin_corpus", "corpus_info", "CharDataset", "CharTokenizer", "char_lm_datasets", "load_text",
+           "digit_task_datasets", "make_digit_task",
            "Digits", "digits_datasets", "load_digits", "procedural_digits"]

@@ -7,7 +7,7 @@ Only ``forward`` changes:
 
 * sequence modules run one :func:`fastdl.ops.rnn.rnn_layer` call per layer and direction (the time
   loop, forward and backward, is in C++), with dropout between layers as torch applies it;
-* cells run the two GEMMs (``F.linear``) and the fused cell op.
+* cells run the two GEMMs (:func:`fastdl.ops.rnn.rnn_linear`: brgemm on CPU) and the fused cell op.
 
 Inputs follow torch's contracts: batched ``[T, B, I]`` (``[B, T, I]`` with batch_first), unbatched
 ``[T, I]``, or a ``PackedSequence`` (sorted or not); the initial state is optional.
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from fastdl.ops.rnn import gru_cell, lstm_cell, rnn_cell, rnn_layer
+from fastdl.ops.rnn import gru_cell, lstm_cell, rnn_cell, rnn_layer, rnn_linear
 
 _ROLES = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 
@@ -198,7 +198,7 @@ class LSTMCell(torch.nn.LSTMCell):
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None) -> tuple[Tensor, Tensor]:
         states = list(hx) if hx is not None else [None, None]
         x, (h, c), is_batched = _cell_inputs(self, input, states, ["hx[0]", "hx[1]"])
-        hy, cy = lstm_cell(F.linear(x, self.weight_ih), F.linear(h, self.weight_hh), c, self.bias_ih, self.bias_hh)
+        hy, cy = lstm_cell(rnn_linear(x, self.weight_ih), rnn_linear(h, self.weight_hh), c, self.bias_ih, self.bias_hh)
         return (hy, cy) if is_batched else (hy.squeeze(0), cy.squeeze(0))
 
 
@@ -207,7 +207,7 @@ class GRUCell(torch.nn.GRUCell):
 
     def forward(self, input: Tensor, hx: Optional[Tensor] = None) -> Tensor:
         x, (h,), is_batched = _cell_inputs(self, input, [hx], ["hidden"])
-        hy = gru_cell(F.linear(x, self.weight_ih), F.linear(h, self.weight_hh), h, self.bias_ih, self.bias_hh)
+        hy = gru_cell(rnn_linear(x, self.weight_ih), rnn_linear(h, self.weight_hh), h, self.bias_ih, self.bias_hh)
         return hy if is_batched else hy.squeeze(0)
 
 
@@ -218,6 +218,6 @@ class RNNCell(torch.nn.RNNCell):
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
         x, (h,), is_batched = _cell_inputs(self, input, [hx], ["hidden"])
-        hy = rnn_cell(F.linear(x, self.weight_ih), F.linear(h, self.weight_hh), self.bias_ih, self.bias_hh,
+        hy = rnn_cell(rnn_linear(x, self.weight_ih), rnn_linear(h, self.weight_hh), self.bias_ih, self.bias_hh,
                       relu=self.nonlinearity == "relu")
         return hy if is_batched else hy.squeeze(0)

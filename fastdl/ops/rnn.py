@@ -246,6 +246,44 @@ def rnn_layer_ref(
     return output, torch.stack(hy), (torch.stack(cy) if cx is not None else None)
 
 
+# ---- the cells' GEMMs -------------------------------------------------------------------------------
+
+
+@torch.library.register_fake("fastdl::rnn_linear")
+def _rnn_linear_fake(input, weight):
+    _check_one_device("rnn_linear", input=input, weight=weight)
+    return input.new_empty((input.shape[0], weight.shape[0]))
+
+
+def _rnn_linear_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _rnn_linear_backward(ctx, grad):
+    input, weight = ctx.saved_tensors
+    grad_input = grad @ weight if ctx.needs_input_grad[0] else None
+    grad_weight = grad.t() @ input if ctx.needs_input_grad[1] else None
+    return grad_input, grad_weight
+
+
+torch.library.register_autograd("fastdl::rnn_linear", _rnn_linear_backward, setup_context=_rnn_linear_setup)
+
+
+def rnn_linear(input: Tensor, weight: Tensor) -> Tensor:
+    """input [B, K] times weight [N, K] transposed -> [B, N] (``F.linear`` without bias): the GEMMs of a cell
+    step, ``x W_ih^T`` and ``h W_hh^T``. On CPU (fp32) one brgemm with the weight as the streamed operand, in
+    nn.LSTMCell's layout, so the weight is never transposed; elsewhere ``F.linear``. The backward's GEMMs are
+    torch's."""
+    if input.device.type != "cpu":
+        return torch.nn.functional.linear(input, weight)
+    return torch.ops.fastdl.rnn_linear(input, weight)
+
+
+def rnn_linear_ref(input: Tensor, weight: Tensor) -> Tensor:
+    """Pure-PyTorch :func:`rnn_linear`."""
+    return input @ weight.t()
+
+
 # ---- cells ------------------------------------------------------------------------------------------
 
 

@@ -145,6 +145,11 @@ LAYER_CASES = [
     ("GRU", 6, 4, 5, 7, 0, [2, 6, 6, 1]),
     ("RNN_TANH", 17, 3, 4, 9, 0, None),
     ("RNN_RELU", 6, 4, 5, 7, 0, [5, 2, 6, 3]),
+    # Several 32-unit gate blocks with a partial last one, and more than one 32-row tile per step (CPU fp32
+    # forward packs the weights in 32-unit panels).
+    ("LSTM", 3, 37, 40, 70, 0, None),
+    ("LSTM", 2, 34, 9, 45, 20, None),
+    ("GRU", 4, 33, 20, 45, 0, [4, 2, 4, 3] * 8 + [1]),
 ]
 
 
@@ -291,6 +296,30 @@ def test_layer_bad_arguments() -> None:
     with pytest.raises(RuntimeError, match=r"must be float32, float64 or bfloat16, got Half"):
         call_layer({k: (v.half() if isinstance(v, torch.Tensor) and k != "batch_sizes" else v)
                     for k, v in good.items()})
+
+
+@pytest.mark.parametrize("batch,in_features,out_features", [(1, 5, 7), (3, 64, 96), (33, 45, 70), (2, 600, 40)])
+def test_rnn_linear_matches_ref(batch: int, in_features: int, out_features: int) -> None:
+    x = torch.randn(batch, 2 * in_features)[:, ::2]  # non-contiguous
+    w = torch.randn(out_features, in_features)
+    # fp32 against the fp64 product: within 2x torch's own fp32 error (its sums run in another order).
+    exact = R.rnn_linear_ref(x.double(), w.double())
+    error = (R.rnn_linear(x, w).double() - exact).abs().max().item()
+    assert error <= 2 * (R.rnn_linear_ref(x, w).double() - exact).abs().max().item() + 1e-6, error
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    assert torch.autograd.gradcheck(R.rnn_linear, (xd[:3, :9].detach().requires_grad_(),
+                                                   wd[:5, :9].detach().requires_grad_()))
+    assert R.rnn_linear(torch.randn(0, in_features), w).shape == (0, out_features)
+    torch.library.opcheck(torch.ops.fastdl.rnn_linear.default, (x, w.requires_grad_()), test_utils=OPCHECK_UTILS)
+
+
+def test_rnn_linear_bad_arguments() -> None:
+    with pytest.raises(RuntimeError, match=r"rnn_linear: weight must be \[out_features, 5\] .*got \[7, 4\]"):
+        R.rnn_linear(torch.randn(3, 5), torch.randn(7, 4))
+    with pytest.raises(RuntimeError, match=r"rnn_linear: input must be \[batch, in_features\], got \[3\]"):
+        R.rnn_linear(torch.randn(3), torch.randn(7, 3))
+    with pytest.raises(RuntimeError, match=r"weight has dtype Double but input has Float"):
+        R.rnn_linear(torch.randn(3, 5), torch.randn(7, 5, dtype=torch.float64))
 
 
 def test_cell_bad_arguments() -> None:

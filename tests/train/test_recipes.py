@@ -15,7 +15,8 @@ SHORT = {"steps": 40, "warmup_steps": 0, "log_every": 5, "eval_every": 40, "prog
 # Smaller models where a recipe's default would make a 40-step run slow on a 2-core CI machine.
 SMALL = {"gpt-chars": {"n_layer": 2, "n_embd": 64, "n_head": 4, "n_kv_head": 2, "block_size": 64,
                        "batch_size": 16, "sample_chars": 20},
-         "mamba-chars": {"n_layer": 2, "d_model": 64, "block_size": 64, "batch_size": 16, "sample_chars": 20}}
+         "mamba-chars": {"n_layer": 2, "d_model": 64, "block_size": 64, "batch_size": 16, "sample_chars": 20},
+         "lstm-chars": {"hidden_size": 64, "num_layers": 1, "seq_len": 32, "batch_size": 16, "sample_chars": 20}}
 
 
 def train_losses(out_dir) -> list[float]:
@@ -40,6 +41,14 @@ def test_mamba_chars_ends_with_a_sample_decoded_over_the_states(tmp_path):
     overrides = {**SHORT, **SMALL["mamba-chars"], "steps": 5, "sample_prompt": "def "}
     result, _, _ = run_recipe("mamba-chars", overrides, out_dir=tmp_path)
     assert result.sample.startswith("def ") and len(result.sample) == len("def ") + 20
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_lstm_chars_ends_with_a_generated_sample(cell, tmp_path):
+    overrides = {**SHORT, **SMALL["lstm-chars"], "cell": cell, "steps": 5, "sample_prompt": "def "}
+    result, settings, _ = run_recipe("lstm-chars", overrides, out_dir=tmp_path)
+    assert result.sample.startswith("def ") and len(result.sample) == len("def ") + 20
+    assert settings.options.cell == cell
 
 
 def test_loss_falls_on_a_char_lm_recipe_registered_from_outside(char_recipe, tmp_path):
