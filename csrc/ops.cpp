@@ -165,6 +165,31 @@ TORCH_LIBRARY(fastdl, m) {
   // Backward of rnn_cell: grad_gates [B, H] (of both GEMM outputs and biases).
   m.def("rnn_cell_backward(Tensor grad_hy, Tensor workspace, *, bool relu=False) -> Tensor");
   // ---- end of recurrent ops ------------------------------------------------------------------------
+
+  // ---- fused transformer layers: RMSNorm, rotary embeddings, SwiGLU (csrc/layers/) ----------------
+  // fp32 / fp64 / bf16 / fp16, computed in fp32 (fp64 for fp64). Inputs need only a contiguous last dim;
+  // outputs are contiguous. Python entry points, fake kernels and autograd: fastdl/ops/fused_layers.py.
+
+  // RMSNorm over the trailing normalized_shape dims of x (F.rms_norm's contract); weight in x's dtype or
+  // None. Returns out (x's shape) and rstd = 1 / sqrt(mean(x^2) + eps) of shape x.shape[:-len(normalized_shape)]
+  // in the math dtype, which the backward reuses.
+  m.def(
+      "rms_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, float eps) -> (Tensor out, Tensor rstd)");
+  // Its backward: (dx, dweight); dweight is empty (shape (0,)) without weight. dweight is summed over fixed
+  // row blocks, then the blocks in order: the same bits for any number of threads.
+  m.def(
+      "rms_norm_bwd(Tensor dout, Tensor x, int[] normalized_shape, Tensor? weight, Tensor rstd) "
+      "-> (Tensor dx, Tensor dweight)");
+  // RoPE, rotate-half layout (GPT-NeoX / HF Llama): x (batch, seqlen, nheads, headdim), any strides but the
+  // last (so q and k may be views of one fused projection); cos, sin in the math dtype, (seqlen, headdim / 2)
+  // or (batch, seqlen, headdim / 2). With (x1, x2) the halves of headdim, returns (x1 c - x2 s, x2 c + x1 s);
+  // conjugate rotates by -angle instead, which is the backward.
+  m.def("rotary_emb(Tensor x, Tensor cos, Tensor sin, bool conjugate=False) -> Tensor");
+  // SwiGLU gate: silu(gate) * up, gate and up of one shape and dtype.
+  m.def("swiglu_fwd(Tensor gate, Tensor up) -> Tensor");
+  // Its backward: (dgate, dup).
+  m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
+  // ---- end fused transformer layers ---------------------------------------------------------------
 }
 
 namespace fastdl::optim {

@@ -2,7 +2,8 @@
 
 import torch
 
-from fastdl.bench.suites.train import SDPAAttention, TrainShape, build_model
+from fastdl.bench.suites.train import SDPAAttention, TorchSwiGLU, TrainShape, build_model
+from fastdl.nn import RMSNorm, SwiGLU
 
 
 def test_torch_twin_is_the_same_model_on_torch_attention():
@@ -11,6 +12,12 @@ def test_torch_twin_is_the_same_model_on_torch_attention():
     twin = build_model(shape, torch.device("cpu"), fused_ops=False)
     assert all(isinstance(block.attn, SDPAAttention) for block in twin.blocks)
     assert not any(isinstance(block.attn, SDPAAttention) for block in fastdl_model.blocks)
+    # The twin's RMSNorm, RoPE (inside SDPAAttention) and SwiGLU are torch's composites, not fastdl's kernels.
+    norms = [m for m in twin.modules() if isinstance(m, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * shape.n_layer + 1 and all(type(m) is torch.nn.RMSNorm for m in norms)
+    assert all(type(block.mlp) is TorchSwiGLU for block in twin.blocks)
+    assert sum(type(m) is RMSNorm for m in fastdl_model.modules()) == 2 * shape.n_layer + 1
+    assert all(type(block.mlp) is SwiGLU for block in fastdl_model.blocks)
     for (name, p), (twin_name, q) in zip(fastdl_model.state_dict().items(), twin.state_dict().items()):
         assert name == twin_name and torch.equal(p, q)
     tokens = torch.randint(96, (shape.batch, shape.block_size + 1))

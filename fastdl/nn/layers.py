@@ -1,7 +1,8 @@
 """Building blocks of today's decoder-only transformers: RMSNorm, rotary position embeddings (RoPE), SwiGLU.
 
-All three are plain PyTorch for now; they are here so that models import them from one place and a fused
-kernel can replace one without touching the models.
+RMSNorm, the rotation of RoPE and SwiGLU's gate run on fastdl's fused kernels (:mod:`fastdl.ops.fused_layers`:
+one pass over the activations each way instead of one per pointwise op); on a device without a fastdl kernel
+they fall back to torch's composites, which compute the same thing.
 """
 
 from __future__ import annotations
@@ -12,14 +13,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastdl.ops.fused_layers import has_fused_layer_kernel, rms_norm, rotary_emb, rotary_emb_ref, swiglu
+
 __all__ = ["RMSNorm", "RotaryEmbedding", "apply_rotary_emb", "SwiGLU", "swiglu_hidden_dim"]
 
-# torch.nn.RMSNorm as is: same constructor (normalized_shape, eps=None, elementwise_affine=True), same
-# state_dict ("weight"). For bf16/fp16 inputs F.rms_norm already accumulates in fp32: on a (64, 512) bf16
-# input its max error against an fp64 gold equals that of upcasting by hand (1.5e-2 = one bf16 ulp at |y|~4),
-# so a wrapper that upcasts would add nothing. Note that eps=None means torch.finfo(input.dtype).eps
-# (1.2e-7 for fp32), not Llama's 1e-5 or 1e-6: models pass eps explicitly.
-RMSNorm = nn.RMSNorm
+
+class RMSNorm(nn.RMSNorm):
+    """torch.nn.RMSNorm on fastdl's fused kernel: same constructor (normalized_shape, eps=None,
+    elementwise_affine=True, device, dtype), same state_dict ("weight"), same result up to rounding.
+
+    The fused op computes in fp32 for bf16 / fp16 inputs (as F.rms_norm does) and saves only the per-row
+    1 / rms for the backward. It falls back to torch's composite ``F.rms_norm`` where the op cannot run: a
+    device without a fastdl kernel, or a weight whose dtype differs from the input's (e.g. an fp32 weight
+    under bf16 activations), which the kernel does not take. Note that eps=None means
+    torch.finfo(input.dtype).eps (1.2e-7 for fp32), not Llama's 1e-5 or 1e-6: models pass eps explicitly.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if has_fused_layer_kernel(x.device) and (self.weight is None or self.weight.dtype == x.dtype):
+            return rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
@@ -62,16 +75,19 @@ def apply_rotary_emb(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         cos, sin: (seqlen, dim / 2) or (batch, seqlen, dim / 2), from :class:`RotaryEmbedding`.
 
     Returns:
-        x's shape and dtype; the rotation is computed in fp32 (fp64 for fp64 inputs).
+        x's shape and dtype; the rotation is computed in fp32 (fp64 for fp64 inputs). 4-D inputs on a device
+        with a fastdl kernel run :func:`fastdl.ops.fused_layers.rotary_emb`; others, and tables that require
+        grad (the kernel does not differentiate them), run the composite
+        :func:`~fastdl.ops.fused_layers.rotary_emb_ref`.
     """
     if cos.shape[-1] * 2 != x.shape[-1]:
         raise ValueError(f"rotary tables have {cos.shape[-1]} frequencies for a head dim of {x.shape[-1]}, "
                          f"expected {x.shape[-1] // 2}")
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    cos = cos.unsqueeze(-2).to(dtype)  # (..., seqlen, 1, dim / 2): the same angle for every head
-    sin = sin.unsqueeze(-2).to(dtype)
-    x1, x2 = x.to(dtype).chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    if x.dim() == 4 and has_fused_layer_kernel(x.device) and not (cos.requires_grad or sin.requires_grad):
+        # The fused kernel takes strided q / k views as they come out of the qkv split; only the last dim
+        # must be contiguous.
+        return rotary_emb(x if x.stride(-1) == 1 else x.contiguous(), cos, sin)
+    return rotary_emb_ref(x, cos, sin)
 
 
 class SwiGLU(nn.Module):
@@ -89,7 +105,10 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if has_fused_layer_kernel(x.device):
+            return self.down_proj(swiglu(gate, up))  # silu(gate) * up in one pass, fp32 math
+        return self.down_proj(F.silu(gate) * up)
 
 
 def swiglu_hidden_dim(dim: int, multiple_of: int = 256, ffn_dim_multiplier: Optional[float] = None) -> int:

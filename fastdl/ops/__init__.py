@@ -17,6 +17,7 @@ from fastdl.ops.flash_attn import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from fastdl.ops.fused_layers import rms_norm, rms_norm_ref, rotary_emb, rotary_emb_ref, swiglu, swiglu_ref
 from fastdl.ops.selective_scan import (
     selective_scan_fn,
     selective_scan_ref,
@@ -36,8 +37,14 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "rms_norm",
+    "rms_norm_ref",
+    "rotary_emb",
+    "rotary_emb_ref",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",
     "selective_state_update_ref",
+    "swiglu",
+    "swiglu_ref",
 ]

@@ -8,15 +8,36 @@ from fastdl.nn import RMSNorm, RotaryEmbedding, SwiGLU, apply_rotary_emb, swiglu
 
 
 def test_rmsnorm_is_torchs():
+    """torch's constructor and state_dict, torch's result up to rounding (the fused kernel sums in another
+    order), and torch's gradients."""
     norm = RMSNorm(32, eps=1e-5)
     ref = torch.nn.RMSNorm(32, eps=1e-5)
+    assert isinstance(norm, torch.nn.RMSNorm) and repr(norm) == repr(ref)
     with torch.no_grad():
         norm.weight.normal_()
     ref.load_state_dict(norm.state_dict())
-    x = torch.randn(4, 7, 32)
-    torch.testing.assert_close(norm(x), ref(x), rtol=0, atol=0)
+    x = torch.randn(4, 7, 32, requires_grad=True)
+    out, ref_out = norm(x), ref(x)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
     manual = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
-    torch.testing.assert_close(norm(x), manual)
+    torch.testing.assert_close(out, manual)
+    grad = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, norm.weight), grad)
+    ref_grads = torch.autograd.grad(ref_out, (x, ref.weight), grad)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    no_affine = RMSNorm((7, 32), elementwise_affine=False)
+    assert no_affine.weight is None and not no_affine.state_dict()
+    torch.testing.assert_close(no_affine(x), F.rms_norm(x, (7, 32)))
+
+
+def test_rmsnorm_mixed_dtypes_fall_back_to_torch():
+    """An fp32 weight on bf16 activations: the kernel wants one dtype, so torch's composite runs."""
+    norm = RMSNorm(16, eps=1e-5)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="Mismatch dtype"):  # torch's own warning: its path, not ours
+        out = norm(x)
+    torch.testing.assert_close(out, F.rms_norm(x, (16,), norm.weight, 1e-5))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

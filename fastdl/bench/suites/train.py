@@ -2,12 +2,13 @@
 model written with plain torch.nn and torch.optim.
 
 fastdl's contender is :class:`fastdl.models.GPT` as the recipe builds it: flash attention
-(:func:`fastdl.flash_attn_func`) and the fused multi-tensor :class:`fastdl.optim.AdamW`. The peer is what a
+(:func:`fastdl.flash_attn_func`), the fused RMSNorm, rotary-embedding and SwiGLU kernels
+(:mod:`fastdl.ops.fused_layers`) and the fused multi-tensor :class:`fastdl.optim.AdamW`. The peer is what a
 user would write instead: the same modules and weights, attention through
 ``torch.nn.functional.scaled_dot_product_attention`` (GQA via ``enable_gqa``; on CPU it dispatches to torch's
-own flash kernel) and ``torch.optim.AdamW(fused=True)``, torch's fastest AdamW on CPU and CUDA. Everything else
-(embedding, RMSNorm, SwiGLU, linear layers, cross-entropy) is the same torch code in both, so the ratio is
-what the fused ops buy end to end.
+own flash kernel), ``torch.nn.RMSNorm``, RoPE and SwiGLU as torch pointwise ops, and
+``torch.optim.AdamW(fused=True)``, torch's fastest AdamW on CPU and CUDA. Everything else (embedding, linear
+layers, cross-entropy) is the same torch code in both, so the ratio is what the fused ops buy end to end.
 
 One timed call is one optimizer step: forward, loss, backward, ``step()``, ``zero_grad()``, on a fixed batch of
 random tokens (the data loader is the same for both and is left out). FLOPs are nanoGPT's ``estimate_mfu``
@@ -28,13 +29,16 @@ from torch import Tensor
 
 from fastdl.bench.core import Case, Contender, StepFn, Suite
 from fastdl.models.gpt import GPT, GPTConfig
-from fastdl.nn.attention import Attention, KVCache, apply_rotary_emb
+from fastdl.nn.attention import Attention, KVCache
+from fastdl.nn.layers import RMSNorm, SwiGLU
+from fastdl.ops.fused_layers import rotary_emb_ref
 
 CHAR_VOCAB = 96  # about the built-in corpus's character vocabulary; the exact size barely moves the cost
 
 
 class SDPAAttention(Attention):
-    """fastdl.nn.Attention's module and weights with the attention itself computed by torch's SDPA."""
+    """fastdl.nn.Attention's module and weights with RoPE in torch pointwise ops and the attention itself
+    computed by torch's SDPA."""
 
     def forward(self, x: Tensor, kv_cache: Optional[KVCache] = None) -> Tensor:
         if kv_cache is not None or self.sliding_window is not None:
@@ -44,17 +48,30 @@ class SDPAAttention(Attention):
         q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=2)
         if self.rotary is not None:
             cos, sin = self.rotary(torch.arange(seqlen, device=x.device))
-            q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+            q, k = rotary_emb_ref(q, cos, sin), rotary_emb_ref(k, cos, sin)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=self.causal, enable_gqa=self.n_head != self.n_kv_head)
         return self.out_proj(y.transpose(1, 2).reshape(batch, seqlen, self.n_head * self.head_dim))
 
 
+class TorchSwiGLU(SwiGLU):
+    """fastdl.nn.SwiGLU's module and weights with the gate in torch pointwise ops: silu, then mul."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 def torch_twin(model: GPT) -> GPT:
-    """A deep copy of ``model`` (same weights) whose attention layers run torch's SDPA."""
+    """A deep copy of ``model`` (same weights) on plain torch: SDPA attention with composite RoPE,
+    ``torch.nn.RMSNorm`` and a composite SwiGLU gate."""
     twin = copy.deepcopy(model)
-    for block in twin.blocks:
-        block.attn.__class__ = SDPAAttention
+    for module in twin.modules():
+        if isinstance(module, Attention):
+            module.__class__ = SDPAAttention
+        elif isinstance(module, RMSNorm):
+            module.__class__ = torch.nn.RMSNorm  # fastdl's RMSNorm subclasses it: same attributes and weight
+        elif isinstance(module, SwiGLU):
+            module.__class__ = TorchSwiGLU
     return twin
 
 
