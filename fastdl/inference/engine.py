@@ -143,7 +143,8 @@ class LLMEngine:
         self.stats = EngineStats()
         self._request_ids = itertools.count()
         self._seq_ids = itertools.count()
-        self._finished: dict[int, RequestOutput] = {}
+        self._finished: dict[int, RequestOutput] = {}  # final outputs that generate() / stream() wait for
+        self._collect: set[int] = set()
 
     # ------------------------------------------------------------------ requests
 
@@ -311,7 +312,9 @@ class LLMEngine:
             outputs.append(self._output(request))
             if not request.seqs:
                 self.running.remove(request)
-                self._finished[request.request_id] = outputs[-1]
+                if request.request_id in self._collect:
+                    self._collect.discard(request.request_id)
+                    self._finished[request.request_id] = outputs[-1]
         return outputs
 
     def _prepare(self, batch: list[tuple[_Request, _Seq]], num_prefills: int):
@@ -475,7 +478,9 @@ class LLMEngine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts and {len(params)} SamplingParams")
-        return [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        self._collect.update(ids)
+        return ids
 
     def generate(self, prompts: Sequence[PromptIds],
                  params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> list[RequestOutput]:
@@ -491,8 +496,7 @@ class LLMEngine:
         """Like :meth:`generate`, but yields each step's output of these requests as it is produced: the
         ``new_token_ids`` of each completion are the tokens that step generated (beam search: the final beams
         at the end)."""
-        ids = self._add_all(prompts, params)
-        pending = set(ids)
+        pending = set(self._add_all(prompts, params))
         while pending:
             for output in self.step():
                 if output.request_id in pending:
