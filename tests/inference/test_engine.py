@@ -270,3 +270,16 @@ def test_engine_rejects_bad_construction(model):
         LLMEngine(model, num_blocks=0)
     with pytest.raises(TypeError, match="paged interface"):
         LLMEngine(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("overrides", [{"sliding_window": 8}, {"n_kv_head": 1}, {"n_kv_head": 4}])
+def test_model_variants(overrides):
+    """Sliding-window attention, multi-query and plain multi-head attention through the paged path."""
+    model = tiny_gpt(seed=3, **overrides)
+    prompts, new_tokens, arrivals = make_requests(6, seed=8, max_new=16)
+    params = [SamplingParams(max_new_tokens=n) for n in new_tokens]
+    engine = LLMEngine(model, max_num_seqs=4, num_blocks=40, block_size=8)
+    results = run_staggered(engine, prompts, params, arrivals)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        assert results[i] == reference(model, prompt, p), f"request {i}"
+    engine.block_manager.check_no_leaks()
