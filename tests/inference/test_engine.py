@@ -188,7 +188,7 @@ def reference_beam_search(model, prompt, width, max_new, length_penalty):
 def test_beam_search_matches_reference(model, preempt):
     prompts = [torch.randint(0, VOCAB, (n,)).tolist() for n in (5, 13)]
     params = SamplingParams(max_new_tokens=6, beam_width=3, n=3, length_penalty=0.5)
-    engine = LLMEngine(model, max_num_seqs=6, num_blocks=10 if preempt else 64, block_size=4)
+    engine = LLMEngine(model, max_num_seqs=6, num_blocks=8 if preempt else 64, block_size=8)
     outputs = engine.generate(prompts, params)
     if preempt:
         assert engine.stats.preemptions > 0
