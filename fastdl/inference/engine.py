@@ -302,13 +302,15 @@ class LLMEngine:
         for row, (request, seq) in enumerate(batch):
             seq.num_computed = len(seq.tokens)
             rows.setdefault(request.request_id, []).append(row)
+        argmax = logits.argmax(dim=-1).tolist()  # every greedy sequence's next token, in one op
         outputs = []
         for request in list(self.running):
-            request_logits = logits[rows[request.request_id]]
+            request_rows = rows[request.request_id]
+            request_logits = logits[request_rows]
             if request.params.beam_search:
                 self._beam_step(request, request_logits)
             else:
-                self._sample_step(request, request_logits)
+                self._sample_step(request, request_logits, [argmax[r] for r in request_rows])
             outputs.append(self._output(request))
             if not request.seqs:
                 self.running.remove(request)
@@ -361,8 +363,12 @@ class LLMEngine:
             return "length"
         return None
 
-    def _sample_step(self, request: _Request, logits: Tensor) -> None:
+    def _sample_step(self, request: _Request, logits: Tensor, argmax: list[int]) -> None:
         params = request.params
+        if params.greedy and params.repetition_penalty == 1.0:
+            for seq, token in zip(list(request.seqs), argmax):
+                self._append(request, seq, token)
+            return
         if not request.forked:  # n parallel samples: the prompt's sequence forks after its prefill
             parent = request.seqs[0]
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
