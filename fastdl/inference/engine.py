@@ -164,6 +164,9 @@ class LLMEngine:
         if need > bm.num_blocks:
             raise ValueError(f"request needs up to {need} KV blocks ({fan} sequence(s) of up to {total} tokens, "
                              f"block_size {self.block_size}) but the engine has num_blocks = {bm.num_blocks}")
+        if fan > self.max_num_seqs:
+            raise ValueError(f"request runs {fan} sequences (n / beam_width) but the engine has "
+                             f"max_num_seqs = {self.max_num_seqs}")
         request_id = next(self._request_ids)
         generator = None
         if not params.greedy:
@@ -228,15 +231,14 @@ class LLMEngine:
         while i < len(self.running):
             request = self.running[i]
             try:
-                pending = []
                 for seq in request.seqs:
                     bm.grow(seq.block_table, len(seq.tokens))
-                    pending += bm.prepare_write(seq.block_table, seq.num_computed, len(seq.tokens))
-                copies += pending
+                    # Recorded at once: the table already points at the new private blocks.
+                    copies += bm.prepare_write(seq.block_table, seq.num_computed, len(seq.tokens))
                 i += 1
             except NoFreeBlocksError:
-                # The blocks this request already took stay in its tables and are freed with them if it is
-                # the one preempted; copies already recorded for it are dropped with it below.
+                # The blocks this request already took stay in its tables (a retry needs no more of them) and
+                # are freed with them if it is the one preempted; its recorded copies are then dropped.
                 victim = self.running[-1]
                 self._preempt(victim)
                 if victim is request:

@@ -240,6 +240,7 @@ def test_bad_requests_are_rejected_without_disturbing_running_ones(model):
         ([1.5, 2], SamplingParams(), TypeError, "list of ints"),
         ([1, 2], SamplingParams(stop_token_ids=[1000]), ValueError, "stop_token_ids"),
         ([1, 2], SamplingParams(max_new_tokens=90, n=6, temperature=1.0), ValueError, "KV blocks"),
+        ([1, 2], SamplingParams(n=9, temperature=1.0), ValueError, "max_num_seqs = 8"),
         ([1, 2], "greedy", TypeError, "SamplingParams"),
     ]
     for prompt, sp, error, match in bad:
@@ -282,4 +283,39 @@ def test_model_variants(overrides):
     results = run_staggered(engine, prompts, params, arrivals)
     for i, (prompt, p) in enumerate(zip(prompts, params)):
         assert results[i] == reference(model, prompt, p), f"request {i}"
+    engine.block_manager.check_no_leaks()
+
+
+def test_mixed_forks_under_preemption(model):
+    """Parallel samples and beams (shared blocks, copy on write) interleaved with plain requests, with too few
+    blocks: every sequence still equals its reference."""
+    prompts, new_tokens, arrivals = make_requests(9, seed=9, max_prompt=20, max_new=10)
+    kinds = ["greedy", "samples", "beams"]
+    params = []
+    for i, n in enumerate(new_tokens):
+        kind = kinds[i % 3]
+        if kind == "greedy":
+            params.append(SamplingParams(max_new_tokens=n))
+        elif kind == "samples":
+            params.append(SamplingParams(n=3, max_new_tokens=n, temperature=1.0, seed=i))
+        else:
+            params.append(SamplingParams(n=2, beam_width=2, max_new_tokens=n))
+    engine = LLMEngine(model, max_num_seqs=7, num_blocks=12, block_size=8)
+    ids: dict[int, int] = {}
+    results = {}
+    step = 0
+    while len(results) < len(prompts):
+        for i, arrival in enumerate(arrivals):
+            if arrival == step:
+                ids[engine.add_request(prompts[i], params[i])] = i
+        results.update({ids[o.request_id]: o for o in engine.step() if o.finished})
+        step += 1
+    assert engine.stats.preemptions > 0
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        got = [c.token_ids for c in results[i].outputs]
+        if p.beam_search:
+            expected = [tokens for tokens, _ in reference_beam_search(model, prompt, 2, p.max_new_tokens, 1.0)]
+        else:
+            expected = [reference(model, prompt, p, index=k) for k in range(p.n)]
+        assert got == expected, f"request {i} ({kinds[i % 3]})"
     engine.block_manager.check_no_leaks()
