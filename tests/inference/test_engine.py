@@ -319,3 +319,27 @@ def test_mixed_forks_under_preemption(model):
             expected = [reference(model, prompt, p, index=k) for k in range(p.n)]
         assert got == expected, f"request {i} ({kinds[i % 3]})"
     engine.block_manager.check_no_leaks()
+
+
+@pytest.mark.cuda
+def test_engine_on_cuda():
+    model = tiny_gpt().cuda()
+    prompts, new_tokens, arrivals = make_requests(8, seed=10)
+    params = [SamplingParams(max_new_tokens=n, temperature=[0.0, 1.0][i % 2], seed=i)
+              for i, n in enumerate(new_tokens)]
+    engine = LLMEngine(model, max_num_seqs=4, num_blocks=24, block_size=16)
+    results = run_staggered(engine, prompts, params, arrivals)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        expected = model.generate(torch.tensor([prompt], device="cuda"), p.max_new_tokens, temperature=p.temperature,
+                                  generator=torch.Generator(device="cuda").manual_seed(i))[0, len(prompt):].tolist()
+        assert results[i] == expected, f"request {i}"
+    engine.block_manager.check_no_leaks()
+
+
+def test_bf16_model_runs():
+    model = tiny_gpt().to(torch.bfloat16)
+    engine = LLMEngine(model, max_num_seqs=4, num_blocks=24, block_size=16)
+    assert engine.kv_caches[0][0].dtype == torch.bfloat16
+    outputs = engine.generate([[1, 2, 3], list(range(30))], SamplingParams(max_new_tokens=8, temperature=1.0, seed=0))
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [8, 8]
+    engine.block_manager.check_no_leaks()
