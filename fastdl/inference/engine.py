@@ -503,12 +503,17 @@ class LLMEngine:
                params: Union[SamplingParams, Sequence[SamplingParams], None] = None) -> Iterator[RequestOutput]:
         """Like :meth:`generate`, but yields each step's output of these requests as it is produced: the
         ``new_token_ids`` of each completion are the tokens that step generated (beam search: the final beams
-        at the end)."""
+        at the end). Requests still unfinished when the caller stops iterating are aborted."""
         pending = set(self._add_all(prompts, params))
-        while pending:
-            for output in self.step():
-                if output.request_id in pending:
-                    yield output
-                    if output.finished:
-                        pending.discard(output.request_id)
-                        self._finished.pop(output.request_id, None)
+        try:
+            while pending:
+                for output in self.step():
+                    if output.request_id in pending:
+                        if output.finished:
+                            pending.discard(output.request_id)
+                            self._finished.pop(output.request_id, None)
+                        yield output
+        finally:  # the caller stopped early (break, Ctrl-C): drop what is left
+            for request_id in pending:
+                self.abort(request_id)
+                self._collect.discard(request_id)

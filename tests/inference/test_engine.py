@@ -216,6 +216,10 @@ def test_stream_yields_tokens_as_generated(model):
     expected = [reference(model, p, params) for p in prompts]
     assert list(streamed.values()) == expected
     engine.block_manager.check_no_leaks()
+    for _ in engine.stream(prompts, params):
+        break  # a caller that stops early leaves nothing behind
+    assert not engine.has_unfinished() and not engine._collect
+    engine.block_manager.check_no_leaks()
 
 
 def test_generation_stops_at_model_max_length():
