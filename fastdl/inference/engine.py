@@ -30,10 +30,10 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from fastdl.inference._ops_fallback import copy_blocks
 from fastdl.inference.block_manager import BlockManager, NoFreeBlocksError
 from fastdl.inference.paged import PagedAttentionMetadata, PagedKVSpec
 from fastdl.inference.sampling import SamplingParams, apply_repetition_penalty, beam_candidates, sample_token
+from fastdl.ops.paged_attn import copy_blocks
 
 __all__ = ["LLMEngine", "RequestOutput", "CompletionOutput", "EngineStats"]
 
@@ -115,7 +115,7 @@ class LLMEngine:
         max_num_seqs: sequences decoded together at most (the batch size of a decode step).
         num_blocks: KV-cache blocks per layer; memory is
             2 * n_layer * num_blocks * block_size * n_kv_head * head_dim elements.
-        block_size: tokens per block.
+        block_size: tokens per block, a multiple of 8.
         max_num_batched_tokens: tokens fed per step at most (prompts are admitted until it is reached; a step
             always takes at least one prompt). Default: max(2048, the model's max length).
         enable_prefix_caching: prompts share the cached full blocks of live sequences with the same prefix.
@@ -126,6 +126,9 @@ class LLMEngine:
         for name, value in (("max_num_seqs", max_num_seqs), ("num_blocks", num_blocks), ("block_size", block_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"LLMEngine: {name} must be an int >= 1, got {value!r}")
+        if block_size % 8 != 0:
+            raise ValueError(f"LLMEngine: block_size must be a multiple of 8 (the paged attention kernel's), "
+                             f"got {block_size}")
         if not (hasattr(model, "paged_kv_spec") and hasattr(model, "forward_paged")):
             raise TypeError(f"LLMEngine needs a model with the paged interface (paged_kv_spec() and forward_paged(); "
                             f"see fastdl.inference), got {type(model).__name__}")
@@ -240,10 +243,10 @@ class LLMEngine:
                 # The blocks this request already took stay in its tables (a retry needs no more of them) and
                 # are freed with them if it is the one preempted; its recorded copies are then dropped.
                 victim = self.running[-1]
-                self._preempt(victim)
                 if victim is request:
                     dropped = {b for s in request.seqs for b in s.block_table}
                     copies[:] = [c for c in copies if c[1] not in dropped]
+                self._preempt(victim)
 
     def _admit_waiting(self, budget: int, scheduled_seqs: int) -> int:
         """Moves waiting requests to running while they fit; returns the tokens their prefills feed."""

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from fastdl.inference._ops_fallback import flash_attn_with_kvcache, reshape_and_cache
+from fastdl.ops.paged_attn import flash_attn_with_kvcache, reshape_and_cache
 
 __all__ = ["PagedKVSpec", "PagedAttentionMetadata", "paged_attention"]
 

@@ -273,6 +273,8 @@ def test_abort_frees_blocks(model):
 def test_engine_rejects_bad_construction(model):
     with pytest.raises(ValueError, match="num_blocks"):
         LLMEngine(model, num_blocks=0)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        LLMEngine(model, block_size=12)
     with pytest.raises(TypeError, match="paged interface"):
         LLMEngine(torch.nn.Linear(2, 2))
 
