@@ -311,11 +311,10 @@ class LLMEngine:
         outputs = []
         for request in list(self.running):
             request_rows = rows[request.request_id]
-            request_logits = logits[request_rows]
             if request.params.beam_search:
-                self._beam_step(request, request_logits)
+                self._beam_step(request, logits[request_rows])
             else:
-                self._sample_step(request, request_logits, [argmax[r] for r in request_rows])
+                self._sample_step(request, logits, request_rows, [argmax[r] for r in request_rows])
             outputs.append(self._output(request))
             if not request.seqs:
                 self.running.remove(request)
@@ -368,12 +367,13 @@ class LLMEngine:
             return "length"
         return None
 
-    def _sample_step(self, request: _Request, logits: Tensor, argmax: list[int]) -> None:
+    def _sample_step(self, request: _Request, batch_logits: Tensor, rows: list[int], argmax: list[int]) -> None:
         params = request.params
         if params.greedy and params.repetition_penalty == 1.0:
             for seq, token in zip(list(request.seqs), argmax):
                 self._append(request, seq, token)
             return
+        logits = batch_logits[rows]
         if not request.forked:  # n parallel samples: the prompt's sequence forks after its prefill
             parent = request.seqs[0]
             seed = params.seed if params.seed is not None else int(torch.randint(2**62, ()).item())
