@@ -1,9 +1,10 @@
 // CPU attention over a paged (or contiguous) KV cache: FlashAttention's flash_attn_with_kvcache, and the
 // cache writers reshape_and_cache / copy_blocks (vLLM's contracts).
 //
-// One task per (sequence, kv-head, tile of up to kRows query rows, split of the keys). A query row is a
-// (query position, query head of the kv-head's GQA group) pair, so the heads of a group share every K and
-// V row the task reads: one memory read serves `group` dot products. A task walks its keys in spans of
+// One task per (sequence, kv-heads, tile of up to kRows query rows, split of the keys). A query row is a
+// (query position, query head of a kv-head's GQA group) pair, so the heads of a group share every K and
+// V row the task reads: one memory read serves `group` dot products. Decoding tasks take several kv-heads
+// so that they stream whole cache rows (Kernel below). A task walks its keys in spans of
 // kSpan, looking each key up through the block table:
 //   1. scores s[r][j] = alpha q_r . k_j for every row (at::vec dot products, q pre-scaled by alpha);
 //   2. per row: softcap, ALiBi, the row's visible keys (causal / window), the running max, p = exp(s - max),
@@ -24,6 +25,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -49,6 +53,9 @@ constexpr int64_t kTasksPerThread = 4;
 // K/V rows of one head are nheads_k * headdim elements apart (2 KB for 8 heads of 64 floats) and blocks
 // are scattered, which hardware prefetchers do not follow: fetch this many rows ahead.
 constexpr int64_t kPrefetchRows = 8;
+// Keys per step of the inner loops: one load of a q row serves 4 dot products, whose horizontal sums are
+// done together (sum4), and one load/store of an output row serves 4 multiply-adds.
+constexpr int64_t kRun = 4;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -89,13 +96,17 @@ inline void prefetch_row(const T* row, int64_t d) {
   for (int64_t byte = 0; byte < d * int64_t(sizeof(T)); byte += 64) __builtin_prefetch(c + byte);
 }
 
-// Calls fn(j - j0, row) for the rows of tokens j0 .. j1 - 1 of kv-head hk of sequence b, in order: one
-// block-table lookup (and one division) per block, not per row. Rows of one head are row_stride apart
-// (2 KB for 8 heads of 64 floats) and blocks are scattered, which hardware prefetchers do not follow: each
-// row kPrefetchRows ahead is prefetched, across into the next block.
+// Calls fn(j - j0, row, count) for the rows of tokens j0 .. j1 - 1 of kv-heads hk .. hk + nh - 1 of sequence b,
+// in order, kRun rows (or fewer at a block's end) at a time: row points at head hk of the first token, the
+// other heads are head_stride apart and the other tokens row_stride. One block-table lookup (and one
+// division) per block, not per row. Blocks are scattered, which hardware prefetchers do not follow across:
+// rows kPrefetchRows ahead are prefetched, into the next block too.
 template <typename T, typename F>
-inline void for_each_row(const T* base, const Params& p, int64_t b, int64_t hk, int64_t j0, int64_t j1,
+inline void for_each_run(const T* base, const Params& p, int64_t b, int64_t hk, int64_t nh, int64_t j0, int64_t j1,
                          int64_t block_stride, int64_t row_stride, int64_t head_stride, const F& fn) {
+  auto prefetch = [&](const T* row) {
+    for (int64_t h = 0; h < nh; ++h) prefetch_row(row + h * head_stride, p.headdim);
+  };
   auto locate = [&](int64_t j, int64_t& len) {
     int64_t block = b, row = j;
     if (p.block_table) {
@@ -110,14 +121,16 @@ inline void for_each_row(const T* base, const Params& p, int64_t b, int64_t hk, 
   for (int64_t j = j0; j < j1;) {
     int64_t next_len = 0;
     const T* next = j + len < j1 ? locate(j + len, next_len) : nullptr;
-    for (int64_t t = 0; t < len; ++t) {
-      const int64_t ahead = t + kPrefetchRows;
-      if (ahead < len) {
-        prefetch_row(ptr + ahead * row_stride, p.headdim);
-      } else if (next && ahead - len < next_len) {
-        prefetch_row(next + (ahead - len) * row_stride, p.headdim);
+    for (int64_t t = 0; t < len; t += kRun) {
+      const int64_t count = std::min(kRun, len - t);
+      for (int64_t ahead = t + kPrefetchRows; ahead < t + kPrefetchRows + count; ++ahead) {
+        if (ahead < len) {
+          prefetch(ptr + ahead * row_stride);
+        } else if (next && ahead - len < next_len) {
+          prefetch(next + (ahead - len) * row_stride);
+        }
       }
-      fn(j + t - j0, ptr + t * row_stride);
+      fn(j + t - j0, ptr + t * row_stride, count);
     }
     j += len;
     ptr = next;
@@ -165,6 +178,50 @@ inline void axpy(T w, const T* x, T* o, int64_t d) {
   }
 }
 
+// out[u] = a . b[u] for u < 4.
+template <typename T>
+inline void dot4(const T* a, const T* const* b, int64_t d, T* out) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
+  for (int64_t c = 0; c < d; c += W) {
+    const int64_t n = std::min(W, d - c);
+    const V x = load_n(a + c, n);
+    for (int u = 0; u < 4; ++u) acc[u] = at::vec::fmadd(x, load_n(b[u] + c, n), acc[u]);
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    // Horizontal sums of 4 vectors at once: fold 512 -> 256 bits pairwise, then 256 -> 128 so that 128-bit
+    // lane u holds acc[u]'s partial sums, then within lanes; 8 shuffles and 4 adds instead of 4 x 8.
+    const __m512 a0 = acc[0], a1 = acc[1], a2 = acc[2], a3 = acc[3];
+    const __m512 x01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, 0x44), _mm512_shuffle_f32x4(a0, a1, 0xEE));
+    const __m512 x23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, 0x44), _mm512_shuffle_f32x4(a2, a3, 0xEE));
+    __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD));
+    y = _mm512_add_ps(y, _mm512_permute_ps(y, 0x4E));
+    y = _mm512_add_ps(y, _mm512_permute_ps(y, 0xB1));
+    const __m512 lanes = _mm512_permutexvar_ps(_mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0), y);
+    _mm_storeu_ps(out, _mm512_castps512_ps128(lanes));
+    return;
+  }
+#endif
+  for (int u = 0; u < 4; ++u) out[u] = at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc[u]);
+}
+
+// o[0, d) += sum_u w[u] * x[u][0, d) for u < 4.
+template <typename T>
+inline void axpy4(const T* w, const T* const* x, T* o, int64_t d) {
+  using V = Vec<T>;
+  constexpr int64_t W = V::size();
+  const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
+  for (int64_t c = 0; c < d; c += W) {
+    const int64_t n = std::min(W, d - c);
+    V acc = at::vec::fmadd(w0, load_n(x[0] + c, n), load_n(o + c, n));
+    acc = at::vec::fmadd(w1, load_n(x[1] + c, n), acc);
+    acc = at::vec::fmadd(w2, load_n(x[2] + c, n), acc);
+    store_n(at::vec::fmadd(w3, load_n(x[3] + c, n), acc), o + c, n);
+  }
+}
+
 template <typename T>
 inline void scale_row(T* o, T f, int64_t d) {
   using V = Vec<T>;
@@ -175,21 +232,22 @@ inline void scale_row(T* o, T f, int64_t d) {
   }
 }
 
-// One task's rows: query position i, head h, visible keys [lo, hi), and the online-softmax state.
+// One task's rows: kv-heads hk0 .. hk0 + nh - 1, each with rows [head_rows * hl, head_rows * (hl + 1)); per
+// row its query position i, query head h, visible keys [lo, hi) and ALiBi slope.
 template <typename acc_t>
 struct Rows {
-  int64_t n = 0;
+  int64_t n = 0, hk0 = 0, nh = 1, head_rows = 0;
   int64_t i[kRows], h[kRows], lo[kRows], hi[kRows];
   acc_t neg_slope[kRows];
 };
 
 // Per-worker scratch: q rows (pre-scaled), output accumulators, running max / sum, a span of scores, and
-// a K / V row converted to the math type.
+// kRun K / V rows converted to the math type.
 template <typename acc_t>
 struct Work {
   std::vector<acc_t> mem;
   acc_t *q, *o, *m, *l, *s, *row;
-  explicit Work(int64_t d) : mem(2 * kRows * d + 2 * kRows + kRows * kSpan + d) {
+  explicit Work(int64_t d) : mem(2 * kRows * d + 2 * kRows + kRows * kSpan + kRun * d) {
     q = mem.data();
     o = q + kRows * d;
     m = o + kRows * d;
@@ -232,30 +290,51 @@ inline void softmax_update(acc_t* s, int64_t n, int64_t c0, int64_t c1, acc_t so
   if (rescale != acc_t(1)) scale_row(o, rescale, d);
 }
 
+// Work decomposition. Rows of one kv-head are (query position, head of its group) pairs, seqlen_q * group of
+// them. When they are fewer than kRows (decoding), a task takes several kv-heads: a cache row holds every
+// kv-head of a token side by side (nheads_k * headdim elements), so reading all of them streams whole
+// rows, where one head's slice (256 bytes of a 2 KB row at 8 heads of 64 floats) leaves most of each
+// DRAM page unread until another task comes by. When they are more, a kv-head's rows are cut into tiles.
 template <typename scalar_t>
 struct Kernel {
   using acc_t = cpu::opmath_t<scalar_t>;
   const Params& p;
-  int64_t group, d, rows_total, ntiles, nsplit;
+  int64_t group, d, head_rows, heads_per_task, nchunks, ntiles, nsplit;
 
-  Kernel(const Params& params, int64_t splits) : p(params) {
+  explicit Kernel(const Params& params) : p(params) {
     group = p.nheads / p.nheads_k;
     d = p.headdim;
-    rows_total = p.seqlen_q * group;
-    ntiles = ceil_div(rows_total, kRows);
-    nsplit = splits;
+    head_rows = p.seqlen_q * group;
+    heads_per_task = std::clamp<int64_t>(kRows / std::max<int64_t>(head_rows, 1), 1, p.nheads_k);
+    nchunks = ceil_div(p.nheads_k, heads_per_task);
+    ntiles = heads_per_task > 1 ? 1 : ceil_div(head_rows, kRows);
+    nsplit = choose_splits();
   }
 
-  // The rows of tile t of (b, hk); returns the keys any of them sees, [klo, khi) (empty when none).
-  void rows_of(int64_t b, int64_t hk, int64_t t, const Seq& seq, Rows<acc_t>& rows, int64_t& klo,
+  // Splits per (sequence, head chunk, tile): enough tasks for every thread, each split at least
+  // kMinSplitKeys keys.
+  int64_t choose_splits() const {
+    if (p.num_splits > 0) return std::min<int64_t>(p.num_splits, kMaxSplits);
+    int64_t max_sk = 0;
+    for (int64_t b = 0; b < p.batch; ++b) max_sk = std::max(max_sk, get_seq(p, b).sk);
+    const int64_t base = std::max<int64_t>(1, p.batch * nchunks * ntiles);
+    const int64_t want = ceil_div(kTasksPerThread * at::get_num_threads(), base);
+    return std::clamp<int64_t>(std::min(want, max_sk / kMinSplitKeys), 1, kMaxSplits);
+  }
+
+  // The rows of (b, head chunk c, tile t); returns the keys any of them sees, [klo, khi) (empty when none).
+  void rows_of(int64_t b, int64_t c, int64_t t, const Seq& seq, Rows<acc_t>& rows, int64_t& klo,
                int64_t& khi) const {
-    rows.n = std::min(kRows, rows_total - t * kRows);
+    rows.hk0 = c * heads_per_task;
+    rows.nh = std::min(heads_per_task, p.nheads_k - rows.hk0);
+    rows.n = heads_per_task > 1 ? rows.nh * head_rows : std::min(kRows, head_rows - t * kRows);
+    rows.head_rows = heads_per_task > 1 ? head_rows : rows.n;
     klo = seq.sk;
     khi = 0;
     for (int64_t r = 0; r < rows.n; ++r) {
-      const int64_t row = t * kRows + r;
+      const int64_t hl = r / rows.head_rows, row = t * kRows + r % rows.head_rows;
       rows.i[r] = row / group;
-      rows.h[r] = hk * group + row % group;
+      rows.h[r] = (rows.hk0 + hl) * group + row % group;
       rows.lo[r] = seq.lo(rows.i[r]);
       rows.hi[r] = seq.hi(rows.i[r]);
       rows.neg_slope[r] = p.alibi_slopes ? -acc_t(p.alibi_slopes[b * p.alibi_batch_stride + rows.h[r]]) : acc_t(0);
@@ -274,11 +353,11 @@ struct Kernel {
   }
 
   template <bool kSoftcap, bool kAlibi>
-  void run_task(int64_t b, int64_t hk, int64_t t, int64_t sp, Work<acc_t>& w, acc_t* partial) const {
+  void run_task(int64_t b, int64_t c, int64_t t, int64_t sp, Work<acc_t>& w, acc_t* partial) const {
     const Seq seq = get_seq(p, b);
     Rows<acc_t> rows;
     int64_t klo, khi, a, e;
-    rows_of(b, hk, t, seq, rows, klo, khi);
+    rows_of(b, c, t, seq, rows, klo, khi);
     split_range(klo, khi, sp, a, e);
     const int64_t n = rows.n;
     const acc_t alpha = acc_t(kSoftcap ? p.softmax_scale / p.softcap : p.softmax_scale);
@@ -304,12 +383,24 @@ struct Kernel {
         c0[r] = std::clamp<int64_t>(rows.lo[r] - s0, 0, ns);
         c1[r] = std::clamp<int64_t>(rows.hi[r] - s0, 0, ns);
       }
-      // 1. scores: each K row is read once for all the rows of the tile.
-      for_each_row(kbase, p, b, hk, s0, s0 + ns, p.k_block_stride, p.k_row_stride, p.k_head_stride,
-                   [&](int64_t j, const scalar_t* row) {
-                     const acc_t* k = as_math(row, d, w.row);
-                     for (int64_t r = 0; r < n; ++r) {
-                       if (j >= c0[r] && j < c1[r]) w.s[r * kSpan + j] = dot(w.q + r * d, k, d);
+      // 1. scores: each K row is read once for all the rows of its kv-head.
+      for_each_run(kbase, p, b, rows.hk0, rows.nh, s0, s0 + ns, p.k_block_stride, p.k_row_stride, p.k_head_stride,
+                   [&](int64_t j, const scalar_t* run, int64_t count) {
+                     const acc_t* k[kRun];
+                     for (int64_t hl = 0, r = 0; hl < rows.nh; ++hl) {
+                       for (int64_t u = 0; u < count; ++u) {
+                         k[u] = as_math(run + u * p.k_row_stride + hl * p.k_head_stride, d, w.row + u * d);
+                       }
+                       for (const int64_t r1 = r + rows.head_rows; r < r1; ++r) {
+                         acc_t* sr = w.s + r * kSpan + j;
+                         if (count == kRun && j >= c0[r] && j + kRun <= c1[r]) {
+                           dot4(w.q + r * d, k, d, sr);
+                           continue;
+                         }
+                         for (int64_t u = 0; u < count; ++u) {
+                           if (j + u >= c0[r] && j + u < c1[r]) sr[u] = dot(w.q + r * d, k[u], d);
+                         }
+                       }
                      }
                    });
       // 2. online softmax, row by row.
@@ -323,12 +414,24 @@ struct Kernel {
         softmax_update<acc_t, kSoftcap, kAlibi>(s, ns, c0[r], c1[r], softcap, rows.neg_slope[r], dist0, w.m[r],
                                                 w.l[r], w.o + r * d, d);
       }
-      // 3. o += p v: each V row once for all the rows.
-      for_each_row(vbase, p, b, hk, s0, s0 + ns, p.v_block_stride, p.v_row_stride, p.v_head_stride,
-                   [&](int64_t j, const scalar_t* row) {
-                     const acc_t* v = as_math(row, d, w.row);
-                     for (int64_t r = 0; r < n; ++r) {
-                       if (j >= c0[r] && j < c1[r]) axpy(w.s[r * kSpan + j], v, w.o + r * d, d);
+      // 3. o += p v: each V row once for all the rows of its kv-head.
+      for_each_run(vbase, p, b, rows.hk0, rows.nh, s0, s0 + ns, p.v_block_stride, p.v_row_stride, p.v_head_stride,
+                   [&](int64_t j, const scalar_t* run, int64_t count) {
+                     const acc_t* v[kRun];
+                     for (int64_t hl = 0, r = 0; hl < rows.nh; ++hl) {
+                       for (int64_t u = 0; u < count; ++u) {
+                         v[u] = as_math(run + u * p.v_row_stride + hl * p.v_head_stride, d, w.row + u * d);
+                       }
+                       for (const int64_t r1 = r + rows.head_rows; r < r1; ++r) {
+                         const acc_t* pr = w.s + r * kSpan + j;
+                         if (count == kRun && j >= c0[r] && j + kRun <= c1[r]) {
+                           axpy4(pr, v, w.o + r * d, d);
+                           continue;
+                         }
+                         for (int64_t u = 0; u < count; ++u) {
+                           if (j + u >= c0[r] && j + u < c1[r]) axpy(pr[u], v[u], w.o + r * d, d);
+                         }
+                       }
                      }
                    });
     }
@@ -361,11 +464,11 @@ struct Kernel {
   }
 
   // Combines the splits of (b, hk, t): M = max m_s, l = sum l_s e^(m_s - M), o = sum o_s e^(m_s - M).
-  void reduce(int64_t b, int64_t hk, int64_t t, const acc_t* partials, acc_t* o) const {
+  void reduce(int64_t b, int64_t c, int64_t t, const acc_t* partials, acc_t* o) const {
     const Seq seq = get_seq(p, b);
     Rows<acc_t> rows;
     int64_t klo, khi;
-    rows_of(b, hk, t, seq, rows, klo, khi);
+    rows_of(b, c, t, seq, rows, klo, khi);
     const int64_t stride = kRows * (d + 2);  // between splits
     for (int64_t r = 0; r < rows.n; ++r) {
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
@@ -387,7 +490,7 @@ struct Kernel {
 
   void run() const {
     const int64_t workers = at::get_num_threads();
-    const int64_t base = p.batch * p.nheads_k * ntiles;
+    const int64_t base = p.batch * nchunks * ntiles;
     const int64_t items = base * nsplit;
     std::vector<acc_t> partials(nsplit > 1 ? items * kRows * (d + 2) : 0);
     FASTDL_BOOL_SWITCH(p.softcap > 0, kSoftcap, [&] {
@@ -398,11 +501,11 @@ struct Kernel {
           Work<acc_t> w(d);
           for (int64_t worker = w0; worker < w1; ++worker) {
             for (int64_t item = next.fetch_add(1); item < items; item = next.fetch_add(1)) {
-              // Splits innermost: the splits of one (b, hk) run side by side, sharing its block table row.
+              // Splits innermost: the splits of one sequence run side by side, sharing its block table row.
               const int64_t sp = item % nsplit, rest = item / nsplit;
-              const int64_t t = rest % ntiles, hk = rest / ntiles % p.nheads_k, b = rest / ntiles / p.nheads_k;
+              const int64_t t = rest % ntiles, c = rest / ntiles % nchunks, b = rest / ntiles / nchunks;
               acc_t* partial = nsplit > 1 ? partials.data() + item * kRows * (d + 2) : nullptr;
-              run_task<kSoftcap, kAlibi>(b, hk, t, sp, w, partial);
+              run_task<kSoftcap, kAlibi>(b, c, t, sp, w, partial);
             }
           }
         });
@@ -412,26 +515,16 @@ struct Kernel {
     at::parallel_for(0, base, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> o(d);
       for (int64_t rest = begin; rest < end; ++rest) {
-        const int64_t t = rest % ntiles, hk = rest / ntiles % p.nheads_k, b = rest / ntiles / p.nheads_k;
-        reduce(b, hk, t, partials.data() + rest * nsplit * kRows * (d + 2), o.data());
+        const int64_t t = rest % ntiles, c = rest / ntiles % nchunks, b = rest / ntiles / nchunks;
+        reduce(b, c, t, partials.data() + rest * nsplit * kRows * (d + 2), o.data());
       }
     });
   }
 };
 
-// Splits per (sequence, kv-head, tile): enough tasks for every thread, each split at least kMinSplitKeys.
-int64_t choose_splits(const Params& p) {
-  if (p.num_splits > 0) return std::min<int64_t>(p.num_splits, kMaxSplits);
-  int64_t max_sk = 0;
-  for (int64_t b = 0; b < p.batch; ++b) max_sk = std::max(max_sk, get_seq(p, b).sk);
-  const int64_t base = std::max<int64_t>(1, p.batch * p.nheads_k * ceil_div(p.seqlen_q * p.nheads / p.nheads_k, kRows));
-  const int64_t want = ceil_div(kTasksPerThread * at::get_num_threads(), base);
-  return std::clamp<int64_t>(std::min(want, max_sk / kMinSplitKeys), 1, kMaxSplits);
-}
-
 template <typename scalar_t>
 void attn_cpu(const Params& p) {
-  Kernel<scalar_t>(p, choose_splits(p)).run();
+  Kernel<scalar_t>(p).run();
 }
 
 void launch_attn_cpu(const Params& p) {
