@@ -22,6 +22,7 @@ never touches the running ones.
 from __future__ import annotations
 
 import itertools
+import numbers
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -190,8 +191,9 @@ class LLMEngine:
             prompt = prompt_ids.tolist()
         else:
             prompt = list(prompt_ids)
-            if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in prompt):
                 raise TypeError("prompt_ids must be a list of ints or a 1-D integer tensor")
+            prompt = [int(t) for t in prompt]
         if not prompt:
             raise ValueError("prompt_ids is empty: a prompt needs at least one token")
         if len(prompt) >= self.spec.max_seq_len:
