@@ -190,6 +190,31 @@ TORCH_LIBRARY(fastdl, m) {
   // Its backward: (dgate, dup).
   m.def("swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor dgate, Tensor dup)");
   // ---- end fused transformer layers ---------------------------------------------------------------
+  // ---- paged attention and KV-cache ops (csrc/paged_attn/) ----------------------------------------
+  // FlashAttention's flash_attn_with_kvcache and vLLM's cache writers. Python API, fake kernels and the
+  // pure-PyTorch references: fastdl/ops/paged_attn.py. A cache is paged, (num_blocks, block_size, nheads_k,
+  // headdim) with an int32 block_table (batch, max_blocks_per_seq) and block_size a multiple of 8, or
+  // contiguous, (batch, seqlen_cache, nheads_k, headdim) without a table. Last dims contiguous.
+
+  // Attention of q (batch, seqlen_q, nheads, headdim) over the cache. k/v (batch, seqlen_new, nheads_k,
+  // headdim), when given, are first written into both caches in place at rows cache_seqlens[b] ..
+  // cache_seqlens[b] + seqlen_new - 1 (int32 (batch)); sequence b then has cache_seqlens[b] + seqlen_new
+  // keys, and query i sits at key position i + seqlen_k - seqlen_q (bottom-right aligned). Masks, softcap
+  // and ALiBi as flash_attn_fwd. num_splits: split-K chunks (0: chosen by the kernel). Returns out like q
+  // and softmax_lse (batch, nheads, seqlen_q) fp32 (fp64 for fp64), +inf for rows that see no key.
+  m.def(
+      "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor? block_table, float softmax_scale, bool causal, int window_left, "
+      "int window_right, float softcap, Tensor? alibi_slopes, int num_splits=0) -> (Tensor out, Tensor softmax_lse)");
+  // Writes key/value (num_tokens, nheads_k, headdim) into paged caches at int64 slot_mapping (num_tokens):
+  // token n goes to row slot % block_size of block slot / block_size; a negative slot skips the token.
+  m.def(
+      "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) "
+      "-> ()");
+  // Copy-on-write: block_mapping int64 (num_pairs, 2) rows (src, dst); block dst of both paged caches
+  // becomes a copy of block src. Destinations are distinct and not sources (pairs run in parallel).
+  m.def("copy_blocks(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_mapping) -> ()");
+  // ---- end paged attention ------------------------------------------------------------------------
 }
 
 namespace fastdl::optim {

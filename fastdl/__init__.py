@@ -1,6 +1,6 @@
 """fastdl: hand-written fused CPU and CUDA kernels for PyTorch, and the modules, models and trainers
 built on them. Ops are registered under ``torch.ops.fastdl``; Python APIs live in ``fastdl.ops``,
-``fastdl.optim``, ``fastdl.nn``, ``fastdl.models``, ``fastdl.data`` and ``fastdl.train``."""
+``fastdl.optim``, ``fastdl.nn``, ``fastdl.models``, ``fastdl.inference``, ``fastdl.data`` and ``fastdl.train``."""
 
 from fastdl._extension import ExtensionError
 from fastdl._extension import load as _load_extension
@@ -8,7 +8,7 @@ from fastdl._version import __version__
 
 _C = _load_extension()
 
-from fastdl import data, models, nn, ops, optim, train  # noqa: E402
+from fastdl import data, inference, models, nn, ops, optim, train  # noqa: E402
 from fastdl.ops import (  # noqa: E402
     causal_conv1d_fn,
     causal_conv1d_update,
@@ -41,6 +41,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "inference",
     "models",
     "nn",
     "ops",

@@ -77,6 +77,11 @@ class Block(nn.Module):
         x = x + self.dropout(self.mlp(self.mlp_norm(x)))
         return x
 
+    def forward_paged(self, x: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor], attn_metadata) -> Tensor:
+        x = x + self.dropout(self.attn.forward_paged(self.attn_norm(x), positions, kv_cache, attn_metadata))
+        x = x + self.dropout(self.mlp(self.mlp_norm(x)))
+        return x
+
 
 class GPT(nn.Module):
     """Token embedding -> n_layer Blocks -> RMSNorm -> lm_head. No position table: RoPE inside attention
@@ -158,6 +163,25 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
         return logits, loss
+
+    def paged_kv_spec(self):
+        """The paged-attention interface of :mod:`fastdl.inference`: the cache this model needs."""
+        from fastdl.inference.paged import PagedKVSpec
+
+        c, p = self.config, self.lm_head.weight
+        return PagedKVSpec(num_layers=c.n_layer, num_kv_heads=c.n_kv_head, head_dim=c.head_dim,
+                           max_seq_len=c.block_size, vocab_size=c.vocab_size, dtype=p.dtype, device=p.device)
+
+    def forward_paged(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
+                      attn_metadata) -> Tensor:
+        """The engine's forward (:mod:`fastdl.inference`): input_ids and positions (num_tokens,), the new
+        tokens of a batch of sequences flattened; kv_caches one paged (k_cache, v_cache) per block; returns
+        the logits (num_seqs, vocab_size) of each sequence's last new token."""
+        x = self.dropout(self.tok_emb(input_ids))  # (N, E)
+        for block, kv_cache in zip(self.blocks, kv_caches):
+            x = block.forward_paged(x, positions, kv_cache, attn_metadata)
+        x = self.norm(x[attn_metadata.logits_indices])  # (num_seqs, E)
+        return self.lm_head(x)
 
     def make_kv_caches(self, batch_size: int, max_seqlen: int) -> list[KVCache]:
         """One empty KVCache per block, on the model's device and in its dtype."""

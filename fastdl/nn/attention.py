@@ -331,6 +331,23 @@ class Attention(nn.Module):
         y = flash_attn_func(q, k, v, causal=self.causal, window_size=self.window_size())  # (B, T, nh, hs)
         return self.out_proj(y.reshape(batch, seqlen, self.n_head * self.head_dim))
 
+    def forward_paged(self, x: Tensor, positions: Tensor, kv_cache: tuple[Tensor, Tensor], attn_metadata) -> Tensor:
+        """The engine's path (:mod:`fastdl.inference`): x (num_tokens, dim), the new tokens of several
+        sequences flattened, at positions (num_tokens,); kv_cache is this layer's paged (k_cache, v_cache),
+        (num_blocks, block_size, n_kv_head, head_dim), and attn_metadata a
+        :class:`fastdl.inference.paged.PagedAttentionMetadata`. Returns (num_tokens, dim)."""
+        from fastdl.inference.paged import paged_attention
+
+        n = x.shape[0]
+        qkv = self.qkv_proj(x).view(n, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        q, k, v = qkv.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)  # (N, nh or nkv, hs)
+        if self.rotary is not None:
+            cos, sin = self.rotary(positions)  # (N, hs / 2)
+            q, k = (apply_rotary_emb(t.unsqueeze(0), cos, sin)[0] for t in (q, k))
+        y = paged_attention(q, k, v, *kv_cache, attn_metadata, causal=self.causal,
+                            window_size=self.window_size())  # (N, nh, hs)
+        return self.out_proj(y.reshape(n, self.n_head * self.head_dim))
+
     def extra_repr(self) -> str:
         return (f"n_head={self.n_head}, n_kv_head={self.n_kv_head}, head_dim={self.head_dim}, "
                 f"causal={self.causal}, sliding_window={self.sliding_window}")

@@ -1,7 +1,7 @@
 """Python entry points of fastdl's kernels: one module per kernel family, each with the fast op,
 its fake (meta) implementation for torch.compile, and a pure-PyTorch reference beside it."""
 
-from fastdl.ops import flash_attn, fused_optim, rnn  # noqa: F401
+from fastdl.ops import flash_attn, fused_optim, paged_attn, rnn  # noqa: F401
 from fastdl.ops.causal_conv1d import (
     causal_conv1d_fn,
     causal_conv1d_ref,
@@ -18,6 +18,14 @@ from fastdl.ops.flash_attn import (
     flash_attn_varlen_qkvpacked_func,
 )
 from fastdl.ops.fused_layers import rms_norm, rms_norm_ref, rotary_emb, rotary_emb_ref, swiglu, swiglu_ref
+from fastdl.ops.paged_attn import (
+    copy_blocks,
+    copy_blocks_ref,
+    flash_attn_with_kvcache,
+    flash_attn_with_kvcache_ref,
+    reshape_and_cache,
+    reshape_and_cache_ref,
+)
 from fastdl.ops.selective_scan import (
     selective_scan_fn,
     selective_scan_ref,
@@ -31,6 +39,8 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "copy_blocks",
+    "copy_blocks_ref",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
     "flash_attn_qkvpacked_func",
@@ -41,6 +51,10 @@ __all__ = [
     "rms_norm_ref",
     "rotary_emb",
     "rotary_emb_ref",
+    "flash_attn_with_kvcache",
+    "flash_attn_with_kvcache_ref",
+    "reshape_and_cache",
+    "reshape_and_cache_ref",
     "selective_scan_fn",
     "selective_scan_ref",
     "selective_state_update",
