@@ -19,6 +19,9 @@ Differences from FlashAttention's ``flash_attn_with_kvcache``, all deliberate:
 * ``rotary_cos``/``rotary_sin``, ``cache_batch_idx`` and ``cache_leftpad`` are not implemented.
 * ``softmax_lse`` is ``+inf`` for a query row that sees no key (e.g. an empty cache), whose output is 0.
 * There is no autograd: this is an inference op.
+
+Kernels: CPU (csrc/paged_attn/paged_attn_cpu.cpp) for fp32, fp64, bf16 and fp16; CUDA
+(paged_attn_kernel.cuh) for fp16 and bf16 with headdim a multiple of 8, fp32 softmax in both.
 """
 
 from __future__ import annotations
