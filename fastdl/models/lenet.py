@@ -36,6 +36,7 @@ class LeNetConfig:
     width: float = 1.0        # multiplies every layer's width (6, 16, 120, 84)
     activation: str = "tanh"  # tanh (classic) | relu
     pool: str = "avg"         # avg (classic subsampling) | max
+    dropout: float = 0.0      # before fc2 and fc3; 0 (classic) disables
 
     def __post_init__(self) -> None:
         if self.activation not in ACTIVATIONS:
@@ -45,6 +46,8 @@ class LeNetConfig:
         if self.feature_size < 1:
             raise ValueError(f"LeNetConfig.image_size must be at least 16 (two 5x5 convs and two 2x2 pools), "
                              f"got {self.image_size}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LeNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.width <= 0 or self.num_classes < 1 or self.in_channels < 1:
             raise ValueError(f"LeNetConfig: width, num_classes and in_channels must be positive, got "
                              f"width={self.width}, num_classes={self.num_classes}, in_channels={self.in_channels}")
@@ -69,8 +72,8 @@ class LeNet5(nn.Module):
             Conv2d(c1, c2, kernel_size=5), act(), pool(2),                  # (B, c2, 5, 5)
         )
         self.classifier = nn.Sequential(
-            nn.Linear(c2 * config.feature_size ** 2, f1), act(),
-            nn.Linear(f1, f2), act(),
+            nn.Linear(c2 * config.feature_size ** 2, f1), act(), nn.Dropout(config.dropout),
+            nn.Linear(f1, f2), act(), nn.Dropout(config.dropout),
             nn.Linear(f2, config.num_classes),
         )
 
