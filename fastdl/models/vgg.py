@@ -1,8 +1,9 @@
 """VGG (Simonyan & Zisserman, "Very deep convolutional networks", 2014): stacks of 3x3 convolutions
 separated by 2x2 max-pools, then three fully connected layers. The default configs are torchvision's
 1000-class ImageNet models without batch norm (convolutions with bias): VGG-11 has 132,863,336
-parameters and VGG-16 138,357,544. ``batch_norm=True`` gives the ``_bn`` variants, built from
-ConvBNAct (conv without bias + BN + ReLU, one fused kernel in eval).
+parameters and VGG-16 138,357,544. ``batch_norm=True`` gives torchvision's ``_bn`` variants (the conv
+keeps its bias there too: VGG-16-BN has 138,365,992), each conv + BN + ReLU one ConvBNAct, a single
+fused kernel in eval.
 
     model = vgg16(num_classes=10, width=0.125, hidden=128)
     logits = model(images)  # (B, 3, H, W), H and W >= 32 -> (B, 10)
@@ -34,7 +35,7 @@ class VGGConfig:
     width: float = 1.0        # multiplies every conv's channels
     hidden: int = 4096        # width of the two hidden fully connected layers
     dropout: float = 0.5      # after each hidden fully connected layer
-    batch_norm: bool = False  # True: conv (no bias) + BN + ReLU per layer, torchvision's vgg*_bn
+    batch_norm: bool = False  # True: conv + BN + ReLU per layer, torchvision's vgg*_bn
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -56,7 +57,7 @@ class VGG(nn.Module):
                 continue
             out = config.channels(item)
             if config.batch_norm:
-                layers.append(ConvBNAct(channels, out, 3, padding=1, activation="relu"))
+                layers.append(ConvBNAct(channels, out, 3, padding=1, activation="relu", bias=True))
             else:
                 layers += [Conv2d(channels, out, kernel_size=3, padding=1), nn.ReLU(inplace=True)]
             channels = out
