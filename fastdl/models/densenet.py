@@ -98,8 +98,13 @@ class DenseNet(nn.Module):
         self.norm = nn.BatchNorm2d(c)  # the final BN -> ReLU before pooling
         self.classifier = nn.Linear(c, config.num_classes)
         self.num_features = c
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        if self.classifier.weight.is_meta:  # built for shapes only: nothing to draw (meta normal_ imports dynamo)
+            return
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, Conv2d)):
+            if isinstance(m, nn.Conv2d):  # fastdl's Conv2d is one too
                 nn.init.kaiming_normal_(m.weight)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)

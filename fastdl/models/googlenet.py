@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdl.nn import Conv2d, ConvBNAct
+from fastdl.nn import ConvBNAct
 
 BN_EPS = 1e-3  # torchvision's BasicConv2d (the weights were ported from TensorFlow)
 
@@ -139,9 +139,10 @@ class GoogLeNet(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.fc = nn.Linear(channels, config.num_classes)
         self.num_features = channels
-        for m in self.modules():  # torchvision: truncated normal, std 0.01, cut at 2 std
-            if isinstance(m, (nn.Conv2d, Conv2d, nn.Linear)):
-                nn.init.trunc_normal_(m.weight, std=0.01, a=-0.02, b=0.02)
+        if not self.fc.weight.is_meta:  # on meta (shapes only) there is nothing to draw
+            for m in self.modules():  # torchvision: truncated normal, std 0.01, cut at 2 std
+                if isinstance(m, (nn.Conv2d, nn.Linear)):  # fastdl's Conv2d is an nn.Conv2d
+                    nn.init.trunc_normal_(m.weight, std=0.01, a=-0.02, b=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | GoogLeNetOutputs:
         x = self.stem(x)                                         # (B, 192w, H / 8, W / 8)

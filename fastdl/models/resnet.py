@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastdl.nn import Conv2d, ConvBNAct
+from fastdl.nn import ConvBNAct
 
 
 @dataclass
@@ -115,8 +115,10 @@ class ResNet(nn.Module):
 
     def _init_weights(self) -> None:
         # As torchvision: He (fan-out) init for convs, BN at identity; optionally each block's last BN at zero.
+        if self.fc.weight.is_meta:  # built for shapes only: nothing to draw (meta normal_ imports dynamo, ~10 s)
+            return
         for m in self.modules():
-            if isinstance(m, (nn.Conv2d, Conv2d)):
+            if isinstance(m, nn.Conv2d):  # fastdl's Conv2d is one too
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
