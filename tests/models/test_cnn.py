@@ -183,9 +183,9 @@ def test_lenet_names_the_input_it_expects():
 
 
 def test_lenet5_reaches_95_percent_on_the_builtin_digits(tmp_path):
-    """The lenet-digits recipe's default run: 540 SGD steps on the 1,438 training digits (32x32)."""
+    """The lenet-digits recipe's default run: 360 SGD steps on the 1,438 training digits (32x32)."""
     result, settings, final_metric = run_recipe("lenet-digits", {"progress": False}, out_dir=tmp_path)
-    assert final_metric == "eval_accuracy" and settings.train.steps == 540
+    assert final_metric == "eval_accuracy" and settings.train.steps == 360
     assert result.metrics["eval_accuracy"] >= 0.95, result.metrics
 
 
