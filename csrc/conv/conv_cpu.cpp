@@ -13,6 +13,14 @@
 // GEMM blocks K internally in chunks of 512, so a col chunk is reused across all of W's row blocks) and
 // so there are at least as many tiles as threads.
 //
+// Stride-1 convs skip the im2col (forward): x is zero-padded once into xpad [N, Cin, Hp, Wp], where
+// output pixel (oh, ow), at flat index q = oh * Wp + ow, reads xpad's flat index q + kh*dh*Wp + kw*dw at
+// tap (kh, kw). For one tap, a run of q is then a plain [Cin_g, L] matrix of xpad (row stride Hp * Wp),
+// so each tap is one GEMM straight from xpad, accumulated over the taps into a 32 x 32 block of the tile
+// that stays in registers / L1 (oneDNN's brgemm micro-kernel, one call per tap). The Wp - OW padding
+// columns of each row are computed and dropped (4% of the work at 56x56, 29% at 7x7): cheaper than an
+// im2col that writes and re-reads KH * KW copies of the input.
+//
 // The backward makes one pass over the same tiles: it regathers col, recomputes acc (one GEMM), and
 // in the GEMMs' prologue turns dout into g = dout * act'(pre-activation) and gz = g * scale, summing
 // dscale += g * acc and dshift += g on the way; then dW += gz @ col^T (into per-thread partials,
@@ -173,6 +181,8 @@ struct Conv {
   std::vector<T> w;    // [Cout, K] math-type weight
   std::vector<T> s, t;  // [Cout] epilogue scale and shift + bias
   bool direct_1x1;     // read col in place from an fp32 / fp64 NCHW x (see direct_col)
+  bool flat = false;   // stride-1 forward from a padded copy of x, without im2col (see forward_flat)
+  int64_t Hp = 0, Wp = 0;
 
   Conv(const Conv2dParams& p_, int64_t min_rows) : p(p_) {
     cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
@@ -200,6 +210,14 @@ struct Conv {
     direct_1x1 = p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_top == 0 &&
                  p.pad_left == 0 && p.x_stride[3] == 1 && (p.in_h == 1 || p.x_stride[2] == p.in_w) &&
                  (std::is_same_v<T, float> ? p.input_dtype == DType::kFloat32 : p.input_dtype == DType::kFloat64);
+    // Flat only from 14 columns on: measured single-thread at N=8 (benchmarks/RESULTS.md), it beats the
+    // im2col path by 10-20% at 56x56x64 .. 14x14x256, and is 2x slower at 7x7x512, where the extra columns
+    // are 29% of the work and each tile re-reads the 9.4 MB of weights.
+    if (p.stride_h == 1 && p.stride_w == 1 && !direct_1x1 && p.out_w >= 14) {
+      flat = true;
+      Hp = p.out_h + (p.kernel_h - 1) * p.dilation_h;  // = H + top + bottom padding at stride 1
+      Wp = p.out_w + (p.kernel_w - 1) * p.dilation_w;
+    }
   }
 
   // For a 1x1 unpadded stride-1 conv on an NCHW math-type x, col of a tile inside one image is x itself:
@@ -300,9 +318,28 @@ struct Conv {
                       /*parallel=*/false);
   }
 
+  // Epilogue on cnt contiguous values of channel c for pixels pix .. pix + cnt of image n, in place, then
+  // stored: v = act(v * scale + shift' + residual).
+  template <Activation A>
+  void epilogue_run(T* v, int64_t cnt, int64_t c, int64_t n, int64_t pix, T* rbuf) const {
+    const Vec<T> slope(T(p.slope)), sc(s[c]), sh(t[c]);
+    if (p.residual) {
+      load(p.residual, p.input_dtype, n * p.res_stride_n + c * p.res_stride_c + pix * p.res_stride_p,
+           p.res_stride_p, cnt, rbuf);
+    }
+    for (int64_t j = 0; j < cnt; j += Vec<T>::size()) {
+      const int64_t k = std::min<int64_t>(Vec<T>::size(), cnt - j);
+      Vec<T> z = at::vec::fmadd(vload(v + j, k), sc, sh);
+      if (p.residual) z = z + vload(rbuf + j, k);
+      vstore(act_fwd<A>(z, slope), v + j, k);
+    }
+    store(v, cnt, p.out, p.input_dtype, n * p.out_stride_n + c * p.out_stride_c + pix * p.out_stride_p,
+          p.out_stride_p);
+  }
+
   template <Activation A>
   void forward() const {
-    const Vec<T> slope(T(p.slope));
+    if (flat) return forward_flat<A>();
     at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> colbuf(K * mt), acc(cout_g * mt), rbuf(mt);
       for (int64_t tile = begin; tile < end; ++tile) {
@@ -312,28 +349,103 @@ struct Conv {
           int64_t ldcol;
           tile_gemm(g, m0, n_pix, colbuf.data(), acc.data(), col, ldcol);
           for (int64_t oc = 0; oc < cout_g; ++oc) {
-            const int64_t c = g * cout_g + oc;
             T* row = acc.data() + oc * n_pix;
-            if (p.residual) {
-              for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
-                load(p.residual, p.input_dtype, n * p.res_stride_n + c * p.res_stride_c + pix * p.res_stride_p,
-                     p.res_stride_p, cnt, rbuf.data() + j);
-              });
-            }
-            const Vec<T> sc(s[c]), sh(t[c]);
-            for (int64_t j = 0; j < n_pix; j += Vec<T>::size()) {
-              const int64_t cnt = std::min<int64_t>(Vec<T>::size(), n_pix - j);
-              Vec<T> z = at::vec::fmadd(vload(row + j, cnt), sc, sh);
-              if (p.residual) z = z + vload(rbuf.data() + j, cnt);
-              vstore(act_fwd<A>(z, slope), row + j, cnt);
-            }
             for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
-              store(row + j, cnt, p.out, p.input_dtype, n * p.out_stride_n + c * p.out_stride_c + pix * p.out_stride_p,
-                    p.out_stride_p);
+              epilogue_run<A>(row + j, cnt, g * cout_g + oc, n, pix, rbuf.data());
             });
           }
         }
       }
+    });
+  }
+
+  // xpad[n, c] = x[n, c] with the padding as zeros, in the math type; [N, Cin, Hp, Wp].
+  std::vector<T> pad_input() const {
+    const int64_t H = p.in_h, W = p.in_w, pt = p.pad_top, pl = p.pad_left;
+    std::vector<T> xpad(p.batch * p.in_channels * Hp * Wp);
+    at::parallel_for(0, p.batch * p.in_channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t n = nc / p.in_channels, c = nc % p.in_channels;
+        T* plane = xpad.data() + nc * Hp * Wp;
+        for (int64_t r = 0; r < Hp; ++r) {
+          T* row = plane + r * Wp;
+          const int64_t ih = r - pt;
+          if (ih < 0 || ih >= H) {
+            std::fill(row, row + Wp, T(0));
+            continue;
+          }
+          std::fill(row, row + pl, T(0));
+          load(p.x, p.input_dtype, n * p.x_stride[0] + c * p.x_stride[1] + ih * p.x_stride[2], p.x_stride[3], W,
+               row + pl);
+          std::fill(row + pl + W, row + Wp, T(0));
+        }
+      }
+    });
+    return xpad;
+  }
+
+  template <Activation A>
+  void forward_flat() const {
+    const int64_t KH = p.kernel_h, KW = p.kernel_w, taps = KH * KW, plane = Hp * Wp, C = p.out_channels;
+    const std::vector<T> xpad = pad_input();
+    // wt[tap][co][ci]: each tap's weights as a row-major [Cout, Cin_g] matrix.
+    std::vector<T> wt(taps * C * cin_g);
+    for (int64_t co = 0; co < C; ++co)
+      for (int64_t ci = 0; ci < cin_g; ++ci)
+        for (int64_t tap = 0; tap < taps; ++tap) wt[(tap * C + co) * cin_g + ci] = w[co * K + ci * taps + tap];
+    std::vector<int64_t> tap_off(taps);
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) tap_off[kh * KW + kw] = kh * p.dilation_h * Wp + kw * p.dilation_w;
+    // Tile: L flat pixels of one image, the accumulator [Cout_g, L] within ~256 KB.
+    const int64_t qlen = (p.out_h - 1) * Wp + p.out_w;
+    const int64_t L = std::min(qlen, std::clamp<int64_t>((int64_t(64) << 10) / std::max<int64_t>(cout_g, 1) / 32 * 32,
+                                                         32, 1024));
+    const int64_t per_image = (qlen + L - 1) / L;
+    constexpr int64_t kBlock = 32;
+    at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> acc(cout_g * L), rbuf(L);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n = tile / per_image, q0 = (tile % per_image) * L, len = std::min(L, qlen - q0);
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const T* xg = xpad.data() + (n * p.in_channels + g * cin_g) * plane + q0;
+          // Row blocks outer: a 32-row block of every tap's weights (32 x Cin_g x taps) stays in L2 while
+          // the tile's columns stream past it.
+          for (int64_t m0 = 0; m0 < cout_g; m0 += kBlock) {
+            const int64_t mb = std::min(kBlock, cout_g - m0);
+            for (int64_t n0 = 0; n0 < len; n0 += kBlock) {
+              const int64_t nb = std::min(kBlock, len - n0);
+              for (int64_t tap = 0; tap < taps; ++tap) {
+                const T* a = wt.data() + (tap * C + g * cout_g + m0) * cin_g;
+                const T* b = xg + tap_off[tap] + n0;
+                T* c = acc.data() + m0 * L + n0;
+#if FASTDL_RNN_BRGEMM
+                if constexpr (std::is_same_v<T, float>) {
+                  at::native::cpublas::brgemm(mb, nb, cin_g, cin_g, plane, L, tap > 0, a, b, c, /*is_vnni=*/false);
+                  continue;
+                }
+#endif
+                rnn::cpu::gemm<T>(false, false, mb, nb, cin_g, a, cin_g, b, plane, tap > 0, c, L, /*parallel=*/false);
+              }
+            }
+          }
+          // Epilogue per output row of the tile, skipping the Wp - OW padding columns.
+          for (int64_t oc = 0; oc < cout_g; ++oc) {
+            T* row = acc.data() + oc * L;
+            for (int64_t q = q0; q < q0 + len;) {
+              const int64_t oh = q / Wp, ow = q % Wp;
+              const int64_t row_end = std::min(oh * Wp + Wp, q0 + len);
+              if (ow < p.out_w) {
+                const int64_t cnt = std::min(p.out_w, row_end - oh * Wp) - ow;
+                epilogue_run<A>(row + (q - q0), cnt, g * cout_g + oc, n, oh * p.out_w + ow, rbuf.data());
+              }
+              q = row_end;
+            }
+          }
+        }
+      }
+#if FASTDL_RNN_BRGEMM
+      if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+#endif
     });
   }
 
