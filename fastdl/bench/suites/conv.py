@@ -101,7 +101,7 @@ def make_case(shape: Shape) -> Case:
         description=f"conv{shape.kernel}x{shape.kernel} + BN + ReLU (eval), {shape.label()}",
         bytes_per_step=shape.io_bytes(),
         flops_per_step=shape.flops(),
-        contenders=(Contender("fastdl fused", _fastdl(shape), is_fastdl=True),
+        contenders=(Contender("fastdl", _fastdl(shape), is_fastdl=True),
                     Contender("torch eager", _eager(shape)),
                     Contender("torch folded", _torch_folded(shape))),
         params={"batch": shape.batch, "channels": shape.channels, "size": shape.size, "kernel": shape.kernel,
@@ -174,7 +174,7 @@ def resnet50_case(batch: int) -> Case:
         description=f"ResNet-50 inference, batch {batch}, 224x224, fp32 NCHW: fastdl.fuse vs eager torch",
         bytes_per_step=batch * 3 * 224 * 224 * 4 + 25_557_032 * 4,
         flops_per_step=int(2 * RESNET50_GMACS * 1e9 * batch),
-        contenders=(Contender("fastdl fuse", _resnet50(True, batch), is_fastdl=True),
+        contenders=(Contender("fastdl", _resnet50(True, batch), is_fastdl=True),
                     Contender("torch eager", _resnet50(False, batch))),
         params={"batch": batch, "size": 224, "dtype": "torch.float32"},
     )
