@@ -215,6 +215,23 @@ TORCH_LIBRARY(fastdl, m) {
   // becomes a copy of block src. Destinations are distinct and not sources (pairs run in parallel).
   m.def("copy_blocks(Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor block_mapping) -> ()");
   // ---- end paged attention ------------------------------------------------------------------------
+  // ---- fused conv2d (csrc/conv/) --------------------------------------------------------------------
+  // act(conv2d(x, weight) * scale + shift + bias + residual) in one kernel; Python API, fake kernels and
+  // autograd in fastdl/ops/conv.py. x (N, C_in, H, W), NCHW or channels_last (the output takes x's
+  // format); weight (C_out, C_in / groups, kH, kW) in x's dtype; bias, scale, shift (C_out,) in x's dtype
+  // or fp32; residual (N, C_out, H_out, W_out) in x's dtype. stride, dilation (h, w); padding (top,
+  // bottom, left, right). activation: none, relu, leaky_relu (negative slope `slope`), silu, gelu (erf),
+  // sigmoid, tanh.
+  m.def(
+      "conv2d_fused(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
+      "int groups, Tensor? scale, Tensor? shift, str activation, float slope, Tensor? residual) -> Tensor");
+  // Its backward in one pass (the forward GEMM is recomputed per tile): grad_x, grad_weight, grad_bias,
+  // grad_scale, grad_shift, grad_residual; the gradient of an absent optional input is an empty (0,) tensor.
+  m.def(
+      "conv2d_fused_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, int[2] stride, "
+      "int[4] padding, int[2] dilation, int groups, Tensor? scale, Tensor? shift, str activation, float slope, "
+      "Tensor? residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ---- end fused conv2d -----------------------------------------------------------------------------
 }
 
 namespace fastdl::optim {

@@ -9,9 +9,11 @@ from fastdl._version import __version__
 _C = _load_extension()
 
 from fastdl import data, inference, models, nn, ops, optim, train  # noqa: E402
+from fastdl.nn.fuse import fuse  # noqa: E402
 from fastdl.ops import (  # noqa: E402
     causal_conv1d_fn,
     causal_conv1d_update,
+    conv2d_fused,
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -34,6 +36,7 @@ __all__ = [
     "build_info",
     "causal_conv1d_fn",
     "causal_conv1d_update",
+    "conv2d_fused",
     "data",
     "flash_attn_func",
     "flash_attn_kvpacked_func",
@@ -41,6 +44,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "fuse",
     "inference",
     "models",
     "nn",

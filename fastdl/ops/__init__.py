@@ -1,13 +1,14 @@
 """Python entry points of fastdl's kernels: one module per kernel family, each with the fast op,
 its fake (meta) implementation for torch.compile, and a pure-PyTorch reference beside it."""
 
-from fastdl.ops import flash_attn, fused_optim, paged_attn, rnn  # noqa: F401
+from fastdl.ops import conv, flash_attn, fused_optim, paged_attn, rnn  # noqa: F401
 from fastdl.ops.causal_conv1d import (
     causal_conv1d_fn,
     causal_conv1d_ref,
     causal_conv1d_update,
     causal_conv1d_update_ref,
 )
+from fastdl.ops.conv import conv2d_fused, conv2d_fused_ref
 from fastdl.ops.flash_attn import (
     attention_ref,
     flash_attn_func,
@@ -39,6 +40,8 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_update",
     "causal_conv1d_update_ref",
+    "conv2d_fused",
+    "conv2d_fused_ref",
     "copy_blocks",
     "copy_blocks_ref",
     "flash_attn_func",

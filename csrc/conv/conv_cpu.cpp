@@ -1,0 +1,596 @@
+// CPU fused conv2d: implicit GEMM over tiles of output pixels, with the epilogue on the hot tile.
+//
+// Output pixels are flattened to m = (n, oh, ow), M = N * OH * OW, and cut into tiles of mt pixels. A
+// tile runs, per group:
+//   col[K, mt]   = the input patches of its pixels, K = Cin_g * KH * KW in weight order (ci, kh, kw),
+//                  gathered from x whatever its strides (NCHW, channels_last, sliced) and converted to
+//                  the math type (fp32; fp64 for fp64). A 1x1 / stride 1 / unpadded conv on an fp32
+//                  NCHW tile inside one image skips the gather and reads x in place.
+//   acc[Cout_g, mt] = W[Cout_g, K] @ col          (torch's BLAS: oneDNN brgemm for fp32 on AVX-512)
+//   out = act(acc * scale + (shift + bias) + residual), vectorized along the tile's pixels, while acc is
+//                  still in L1/L2, then stored in the output's layout.
+// Tiles are independent and run under at::parallel_for. mt is chosen so col stays within ~2 MB (the
+// GEMM blocks K internally in chunks of 512, so a col chunk is reused across all of W's row blocks) and
+// so there are at least as many tiles as threads.
+//
+// Stride-1 convs skip the im2col (forward): x is zero-padded once into xpad [N, Cin, Hp, Wp], where
+// output pixel (oh, ow), at flat index q = oh * Wp + ow, reads xpad's flat index q + kh*dh*Wp + kw*dw at
+// tap (kh, kw). For one tap, a run of q is then a plain [Cin_g, L] matrix of xpad (row stride Hp * Wp),
+// so each tap is one GEMM straight from xpad, accumulated over the taps into a 32 x 32 block of the tile
+// that stays in registers / L1 (oneDNN's brgemm micro-kernel, one call per tap). The Wp - OW padding
+// columns of each row are computed and dropped (4% of the work at 56x56, 29% at 7x7): cheaper than an
+// im2col that writes and re-reads KH * KW copies of the input.
+//
+// The backward makes one pass over the same tiles: it regathers col, recomputes acc (one GEMM), and
+// in the GEMMs' prologue turns dout into g = dout * act'(pre-activation) and gz = g * scale, summing
+// dscale += g * acc and dshift += g on the way; then dW += gz @ col^T (into per-thread partials,
+// summed in thread order at the end) and dcol = W^T @ gz, scattered back (col2im) into dx. Tiles two
+// apart never touch the same input rows (tiles span at least R = (KH - 1) * dh / sh + 1 output rows),
+// so the even tiles run in parallel, then the odd ones.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/cpu_utils.h"
+#include "conv/conv_ops.h"
+#include "lstm/lstm_gemm_cpu.h"
+
+namespace fastdl::conv {
+namespace {
+
+using cpu::Vec;
+
+// ---- strided loads and stores with dtype conversion -------------------------------------------------
+
+template <typename S, typename T>
+inline void load_as(const S* src, int64_t stride, int64_t n, T* dst) {
+  if (stride == 1) {
+    if constexpr (std::is_same_v<S, T>) {
+      std::memcpy(dst, src, n * sizeof(T));
+    } else {
+      at::vec::convert(src, dst, n);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i * stride]);
+  }
+}
+
+template <typename T, typename S>
+inline void store_as(const T* src, int64_t n, S* dst, int64_t stride) {
+  if (stride == 1) {
+    if constexpr (std::is_same_v<S, T>) {
+      std::memcpy(dst, src, n * sizeof(T));
+    } else {
+      at::vec::convert(src, dst, n);
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i * stride] = static_cast<S>(src[i]);
+  }
+}
+
+// dst[i] = base[offset + i * stride], i < n, converted to T.
+template <typename T>
+inline void load(const void* base, DType dt, int64_t offset, int64_t stride, int64_t n, T* dst) {
+  switch (dt) {
+    case DType::kFloat32: return load_as(static_cast<const float*>(base) + offset, stride, n, dst);
+    case DType::kFloat64: return load_as(static_cast<const double*>(base) + offset, stride, n, dst);
+    case DType::kBFloat16: return load_as(static_cast<const c10::BFloat16*>(base) + offset, stride, n, dst);
+    case DType::kFloat16: return load_as(static_cast<const c10::Half*>(base) + offset, stride, n, dst);
+  }
+}
+
+// base[offset + i * stride] = src[i], i < n.
+template <typename T>
+inline void store(const T* src, int64_t n, void* base, DType dt, int64_t offset, int64_t stride) {
+  switch (dt) {
+    case DType::kFloat32: return store_as(src, n, static_cast<float*>(base) + offset, stride);
+    case DType::kFloat64: return store_as(src, n, static_cast<double*>(base) + offset, stride);
+    case DType::kBFloat16: return store_as(src, n, static_cast<c10::BFloat16*>(base) + offset, stride);
+    case DType::kFloat16: return store_as(src, n, static_cast<c10::Half*>(base) + offset, stride);
+  }
+}
+
+template <typename T>
+inline Vec<T> vload(const T* p, int64_t cnt) {
+  return cnt == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, cnt);
+}
+template <typename T>
+inline void vstore(const Vec<T>& v, T* p, int64_t cnt) {
+  if (cnt == Vec<T>::size()) {
+    v.store(p);
+  } else {
+    v.store(p, cnt);
+  }
+}
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  alignas(64) T buf[Vec<T>::size()];
+  v.store(buf);
+  T sum = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) sum += buf[i];
+  return sum;
+}
+
+// ---- activations: value and derivative, both from the pre-activation z ------------------------------
+
+template <Activation A, typename T>
+inline Vec<T> act_fwd(const Vec<T>& z, const Vec<T>& slope) {
+  using V = Vec<T>;
+  const V zero(T(0)), one(T(1));
+  if constexpr (A == Activation::kRelu) return at::vec::maximum(z, zero);
+  if constexpr (A == Activation::kLeakyRelu) return V::blendv(z * slope, z, z > zero);
+  if constexpr (A == Activation::kSilu) return z / (one + z.neg().exp());
+  if constexpr (A == Activation::kGelu) return V(T(0.5)) * z * (one + (z * V(T(M_SQRT1_2))).erf());
+  if constexpr (A == Activation::kSigmoid) return one / (one + z.neg().exp());
+  if constexpr (A == Activation::kTanh) return z.tanh();
+  return z;
+}
+
+// d act / dz. relu and leaky_relu take the z <= 0 branch at 0, as torch's threshold / leaky backward.
+template <Activation A, typename T>
+inline Vec<T> act_grad(const Vec<T>& z, const Vec<T>& slope) {
+  using V = Vec<T>;
+  const V zero(T(0)), one(T(1));
+  if constexpr (A == Activation::kRelu) return V::blendv(zero, one, z > zero);
+  if constexpr (A == Activation::kLeakyRelu) return V::blendv(slope, one, z > zero);
+  if constexpr (A == Activation::kSilu) {
+    const V s = one / (one + z.neg().exp());
+    return s * (one + z * (one - s));
+  }
+  if constexpr (A == Activation::kGelu) {
+    // Phi(z) + z * phi(z), phi the standard normal density.
+    const V cdf = V(T(0.5)) * (one + (z * V(T(M_SQRT1_2))).erf());
+    const V pdf = (V(T(-0.5)) * z * z).exp() * V(T(0.3989422804014327));
+    return cdf + z * pdf;
+  }
+  if constexpr (A == Activation::kSigmoid) {
+    const V s = one / (one + z.neg().exp());
+    return s * (one - s);
+  }
+  if constexpr (A == Activation::kTanh) {
+    const V t = z.tanh();
+    return one - t * t;
+  }
+  return one;
+}
+
+// Runs f with the activation as a compile-time constant.
+template <typename F>
+inline void act_switch(Activation a, F&& f) {
+  switch (a) {
+    case Activation::kNone: return f(std::integral_constant<Activation, Activation::kNone>{});
+    case Activation::kRelu: return f(std::integral_constant<Activation, Activation::kRelu>{});
+    case Activation::kLeakyRelu: return f(std::integral_constant<Activation, Activation::kLeakyRelu>{});
+    case Activation::kSilu: return f(std::integral_constant<Activation, Activation::kSilu>{});
+    case Activation::kGelu: return f(std::integral_constant<Activation, Activation::kGelu>{});
+    case Activation::kSigmoid: return f(std::integral_constant<Activation, Activation::kSigmoid>{});
+    case Activation::kTanh: return f(std::integral_constant<Activation, Activation::kTanh>{});
+  }
+}
+
+// ---- the tiled implicit GEMM ----------------------------------------------------------------------
+
+template <typename T>
+struct Conv {
+  const Conv2dParams& p;
+  int64_t cin_g, cout_g, K, ohw, M, mt, ntiles;
+  std::vector<T> w;    // [Cout, K] math-type weight
+  std::vector<T> s, t;  // [Cout] epilogue scale and shift + bias
+  bool direct_1x1;     // read col in place from an fp32 / fp64 NCHW x (see direct_col)
+  bool flat = false;   // stride-1 forward from a padded copy of x, without im2col (see forward_flat)
+  int64_t Hp = 0, Wp = 0;
+
+  Conv(const Conv2dParams& p_, int64_t min_rows) : p(p_) {
+    cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
+    K = cin_g * p.kernel_h * p.kernel_w, ohw = p.out_h * p.out_w, M = p.batch * ohw;
+    w.resize(p.out_channels * K);
+    load(p.weight, p.input_dtype, 0, 1, p.out_channels * K, w.data());
+    s.assign(p.out_channels, T(1)), t.assign(p.out_channels, T(0));
+    const T* scale = static_cast<const T*>(p.scale);
+    const T* shift = static_cast<const T*>(p.shift);
+    const T* bias = static_cast<const T*>(p.bias);
+    for (int64_t c = 0; c < p.out_channels; ++c) {
+      if (scale) s[c] = scale[c];
+      if (shift) t[c] += shift[c];
+      if (bias) t[c] += bias[c];
+    }
+    // Tile: col (K x mt math values) within ~2 MB, mt a multiple of 16 in [64, 1024], at least one tile per
+    // thread, and at least min_rows whole output rows (the backward's col2im needs them).
+    const int64_t col_budget = (int64_t(2) << 20) / int64_t(sizeof(T));
+    mt = std::clamp<int64_t>(col_budget / std::max<int64_t>(K, 1) / 16 * 16, 64, 1024);
+    const int64_t threads = at::get_num_threads();
+    mt = std::min(mt, std::max<int64_t>(64, (M + threads - 1) / threads));
+    mt = std::max(mt, min_rows * p.out_w);
+    mt = std::max<int64_t>(1, std::min(mt, M));
+    ntiles = M == 0 ? 0 : (M + mt - 1) / mt;
+    direct_1x1 = p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_top == 0 &&
+                 p.pad_left == 0 && p.x_stride[3] == 1 && (p.in_h == 1 || p.x_stride[2] == p.in_w) &&
+                 (std::is_same_v<T, float> ? p.input_dtype == DType::kFloat32 : p.input_dtype == DType::kFloat64);
+    // Flat only from 14 columns on: measured single-thread at N=8 (benchmarks/RESULTS.md), it beats the
+    // im2col path by 10-20% at 56x56x64 .. 14x14x256, and is 2x slower at 7x7x512, where the extra columns
+    // are 29% of the work and each tile re-reads the 9.4 MB of weights.
+    if (p.stride_h == 1 && p.stride_w == 1 && !direct_1x1 && p.out_w >= 14) {
+      flat = true;
+      Hp = p.out_h + (p.kernel_h - 1) * p.dilation_h;  // = H + top + bottom padding at stride 1
+      Wp = p.out_w + (p.kernel_w - 1) * p.dilation_w;
+    }
+  }
+
+  // For a 1x1 unpadded stride-1 conv on an NCHW math-type x, col of a tile inside one image is x itself:
+  // rows ci at stride x_stride[1]. Returns nullptr when the tile crosses images.
+  const T* direct_col(int64_t g, int64_t m0, int64_t n_pix, int64_t& ld) const {
+    if (!direct_1x1 || m0 / ohw != (m0 + n_pix - 1) / ohw) return nullptr;
+    ld = p.x_stride[1];
+    const int64_t n = m0 / ohw, pix = m0 % ohw;
+    return static_cast<const T*>(p.x) + n * p.x_stride[0] + g * cin_g * p.x_stride[1] + pix;
+  }
+
+  // Walks the output rows of pixels [m0, m0 + n_pix) inside one kernel tap: f(j, n, oh, ow0, cnt) for each
+  // run of cnt pixels of one output row starting at column j of the tile.
+  template <typename F>
+  void for_rows(int64_t m0, int64_t n_pix, F&& f) const {
+    int64_t j = 0;
+    while (j < n_pix) {
+      const int64_t m = m0 + j, n = m / ohw, pq = m % ohw, oh = pq / p.out_w, ow0 = pq % p.out_w;
+      const int64_t cnt = std::min(p.out_w - ow0, n_pix - j);
+      f(j, n, oh, ow0, cnt);
+      j += cnt;
+    }
+  }
+
+  // The input columns one kernel tap reads for output columns [ow0, ow0 + cnt): iw = ow * sw - a, valid
+  // for ow in [lo, hi).
+  void tap_range(int64_t kw, int64_t ow0, int64_t cnt, int64_t& a, int64_t& lo, int64_t& hi) const {
+    const int64_t sw = p.stride_w;
+    a = p.pad_left - kw * p.dilation_w;
+    lo = a <= 0 ? 0 : (a + sw - 1) / sw;
+    hi = p.in_w - 1 + a < 0 ? 0 : (p.in_w - 1 + a) / sw + 1;
+    lo = std::clamp(lo, ow0, ow0 + cnt);
+    hi = std::clamp(hi, lo, ow0 + cnt);
+  }
+
+  // col[k, j] = x at tap k = (ci, kh, kw) of group g for tile pixel j; zero in the padding.
+  void build_col(int64_t g, int64_t m0, int64_t n_pix, T* col) const {
+    const int64_t KH = p.kernel_h, KW = p.kernel_w, sw = p.stride_w;
+    for (int64_t ci = 0; ci < cin_g; ++ci) {
+      const int64_t c_off = (g * cin_g + ci) * p.x_stride[1];
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          T* dst = col + ((ci * KH + kh) * KW + kw) * n_pix;
+          for_rows(m0, n_pix, [&](int64_t j, int64_t n, int64_t oh, int64_t ow0, int64_t cnt) {
+            const int64_t ih = oh * p.stride_h - p.pad_top + kh * p.dilation_h;
+            if (ih < 0 || ih >= p.in_h) {
+              std::fill(dst + j, dst + j + cnt, T(0));
+              return;
+            }
+            int64_t a, lo, hi;
+            tap_range(kw, ow0, cnt, a, lo, hi);
+            std::fill(dst + j, dst + j + (lo - ow0), T(0));
+            if (hi > lo) {
+              load(p.x, p.input_dtype, n * p.x_stride[0] + c_off + ih * p.x_stride[2] + (lo * sw - a) * p.x_stride[3],
+                   sw * p.x_stride[3], hi - lo, dst + j + (lo - ow0));
+            }
+            std::fill(dst + j + (hi - ow0), dst + j + cnt, T(0));
+          });
+        }
+      }
+    }
+  }
+
+  // dx[n, ci, ih, iw] += dcol[k, j], the transpose of build_col; dx is math-type NCHW contiguous.
+  void col2im(int64_t g, int64_t m0, int64_t n_pix, const T* dcol, T* dx) const {
+    const int64_t KH = p.kernel_h, KW = p.kernel_w, sw = p.stride_w, H = p.in_h, W = p.in_w;
+    for (int64_t ci = 0; ci < cin_g; ++ci) {
+      const int64_t c = g * cin_g + ci;
+      for (int64_t kh = 0; kh < KH; ++kh) {
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const T* src = dcol + ((ci * KH + kh) * KW + kw) * n_pix;
+          for_rows(m0, n_pix, [&](int64_t j, int64_t n, int64_t oh, int64_t ow0, int64_t cnt) {
+            const int64_t ih = oh * p.stride_h - p.pad_top + kh * p.dilation_h;
+            if (ih < 0 || ih >= H) return;
+            int64_t a, lo, hi;
+            tap_range(kw, ow0, cnt, a, lo, hi);
+            T* d = dx + ((n * p.in_channels + c) * H + ih) * W + (lo * sw - a);
+            const T* s_ = src + j + (lo - ow0);
+            if (sw == 1) {
+              at::vec::map2([](Vec<T> u, Vec<T> v) { return u + v; }, d, d, s_, hi - lo);
+            } else {
+              for (int64_t i = 0; i < hi - lo; ++i) d[i * sw] += s_[i];
+            }
+          });
+        }
+      }
+    }
+  }
+
+  // acc[Cout_g, n_pix] = W_g @ col for group g of the tile at m0.
+  void tile_gemm(int64_t g, int64_t m0, int64_t n_pix, T* colbuf, T* acc, const T*& col, int64_t& ldcol) const {
+    col = direct_col(g, m0, n_pix, ldcol);
+    if (!col) {
+      build_col(g, m0, n_pix, colbuf);
+      col = colbuf, ldcol = n_pix;
+    }
+    rnn::cpu::gemm<T>(false, false, cout_g, n_pix, K, w.data() + g * cout_g * K, K, col, ldcol, false, acc, n_pix,
+                      /*parallel=*/false);
+  }
+
+  // Epilogue on cnt contiguous values of channel c for pixels pix .. pix + cnt of image n, in place, then
+  // stored: v = act(v * scale + shift' + residual).
+  template <Activation A>
+  void epilogue_run(T* v, int64_t cnt, int64_t c, int64_t n, int64_t pix, T* rbuf) const {
+    const Vec<T> slope(T(p.slope)), sc(s[c]), sh(t[c]);
+    if (p.residual) {
+      load(p.residual, p.input_dtype, n * p.res_stride_n + c * p.res_stride_c + pix * p.res_stride_p,
+           p.res_stride_p, cnt, rbuf);
+    }
+    for (int64_t j = 0; j < cnt; j += Vec<T>::size()) {
+      const int64_t k = std::min<int64_t>(Vec<T>::size(), cnt - j);
+      Vec<T> z = at::vec::fmadd(vload(v + j, k), sc, sh);
+      if (p.residual) z = z + vload(rbuf + j, k);
+      vstore(act_fwd<A>(z, slope), v + j, k);
+    }
+    store(v, cnt, p.out, p.input_dtype, n * p.out_stride_n + c * p.out_stride_c + pix * p.out_stride_p,
+          p.out_stride_p);
+  }
+
+  template <Activation A>
+  void forward() const {
+    if (flat) return forward_flat<A>();
+    at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> colbuf(K * mt), acc(cout_g * mt), rbuf(mt);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t m0 = tile * mt, n_pix = std::min(mt, M - m0);
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const T* col;
+          int64_t ldcol;
+          tile_gemm(g, m0, n_pix, colbuf.data(), acc.data(), col, ldcol);
+          for (int64_t oc = 0; oc < cout_g; ++oc) {
+            T* row = acc.data() + oc * n_pix;
+            for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
+              epilogue_run<A>(row + j, cnt, g * cout_g + oc, n, pix, rbuf.data());
+            });
+          }
+        }
+      }
+    });
+  }
+
+  // xpad[n, c] = x[n, c] with the padding as zeros, in the math type; [N, Cin, Hp, Wp].
+  std::vector<T> pad_input() const {
+    const int64_t H = p.in_h, W = p.in_w, pt = p.pad_top, pl = p.pad_left;
+    std::vector<T> xpad(p.batch * p.in_channels * Hp * Wp);
+    at::parallel_for(0, p.batch * p.in_channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nc = begin; nc < end; ++nc) {
+        const int64_t n = nc / p.in_channels, c = nc % p.in_channels;
+        T* plane = xpad.data() + nc * Hp * Wp;
+        for (int64_t r = 0; r < Hp; ++r) {
+          T* row = plane + r * Wp;
+          const int64_t ih = r - pt;
+          if (ih < 0 || ih >= H) {
+            std::fill(row, row + Wp, T(0));
+            continue;
+          }
+          std::fill(row, row + pl, T(0));
+          load(p.x, p.input_dtype, n * p.x_stride[0] + c * p.x_stride[1] + ih * p.x_stride[2], p.x_stride[3], W,
+               row + pl);
+          std::fill(row + pl + W, row + Wp, T(0));
+        }
+      }
+    });
+    return xpad;
+  }
+
+  template <Activation A>
+  void forward_flat() const {
+    const int64_t KH = p.kernel_h, KW = p.kernel_w, taps = KH * KW, plane = Hp * Wp, C = p.out_channels;
+    const std::vector<T> xpad = pad_input();
+    // wt[tap][co][ci]: each tap's weights as a row-major [Cout, Cin_g] matrix.
+    std::vector<T> wt(taps * C * cin_g);
+    for (int64_t co = 0; co < C; ++co)
+      for (int64_t ci = 0; ci < cin_g; ++ci)
+        for (int64_t tap = 0; tap < taps; ++tap) wt[(tap * C + co) * cin_g + ci] = w[co * K + ci * taps + tap];
+    std::vector<int64_t> tap_off(taps);
+    for (int64_t kh = 0; kh < KH; ++kh)
+      for (int64_t kw = 0; kw < KW; ++kw) tap_off[kh * KW + kw] = kh * p.dilation_h * Wp + kw * p.dilation_w;
+    // Tile: L flat pixels of one image, the accumulator [Cout_g, L] within ~256 KB.
+    const int64_t qlen = (p.out_h - 1) * Wp + p.out_w;
+    const int64_t L = std::min(qlen, std::clamp<int64_t>((int64_t(64) << 10) / std::max<int64_t>(cout_g, 1) / 32 * 32,
+                                                         32, 1024));
+    const int64_t per_image = (qlen + L - 1) / L;
+    constexpr int64_t kBlock = 32;
+    at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T> acc(cout_g * L), rbuf(L);
+      for (int64_t tile = begin; tile < end; ++tile) {
+        const int64_t n = tile / per_image, q0 = (tile % per_image) * L, len = std::min(L, qlen - q0);
+        for (int64_t g = 0; g < p.groups; ++g) {
+          const T* xg = xpad.data() + (n * p.in_channels + g * cin_g) * plane + q0;
+          // Row blocks outer: a 32-row block of every tap's weights (32 x Cin_g x taps) stays in L2 while
+          // the tile's columns stream past it.
+          for (int64_t m0 = 0; m0 < cout_g; m0 += kBlock) {
+            const int64_t mb = std::min(kBlock, cout_g - m0);
+            for (int64_t n0 = 0; n0 < len; n0 += kBlock) {
+              const int64_t nb = std::min(kBlock, len - n0);
+              for (int64_t tap = 0; tap < taps; ++tap) {
+                const T* a = wt.data() + (tap * C + g * cout_g + m0) * cin_g;
+                const T* b = xg + tap_off[tap] + n0;
+                T* c = acc.data() + m0 * L + n0;
+#if FASTDL_RNN_BRGEMM
+                if constexpr (std::is_same_v<T, float>) {
+                  at::native::cpublas::brgemm(mb, nb, cin_g, cin_g, plane, L, tap > 0, a, b, c, /*is_vnni=*/false);
+                  continue;
+                }
+#endif
+                rnn::cpu::gemm<T>(false, false, mb, nb, cin_g, a, cin_g, b, plane, tap > 0, c, L, /*parallel=*/false);
+              }
+            }
+          }
+          // Epilogue per output row of the tile, skipping the Wp - OW padding columns.
+          for (int64_t oc = 0; oc < cout_g; ++oc) {
+            T* row = acc.data() + oc * L;
+            for (int64_t q = q0; q < q0 + len;) {
+              const int64_t oh = q / Wp, ow = q % Wp;
+              const int64_t row_end = std::min(oh * Wp + Wp, q0 + len);
+              if (ow < p.out_w) {
+                const int64_t cnt = std::min(p.out_w, row_end - oh * Wp) - ow;
+                epilogue_run<A>(row + (q - q0), cnt, g * cout_g + oc, n, oh * p.out_w + ow, rbuf.data());
+              }
+              q = row_end;
+            }
+          }
+        }
+      }
+#if FASTDL_RNN_BRGEMM
+      if constexpr (std::is_same_v<T, float>) at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+#endif
+    });
+  }
+
+  // f(j, n, pix, cnt): the runs of pixels [m0, m0 + n_pix) inside one image.
+  template <typename F>
+  void for_images(int64_t m0, int64_t n_pix, F&& f) const {
+    int64_t j = 0;
+    while (j < n_pix) {
+      const int64_t m = m0 + j, n = m / ohw, pix = m % ohw, cnt = std::min(ohw - pix, n_pix - j);
+      f(j, n, pix, cnt);
+      j += cnt;
+    }
+  }
+
+  template <Activation A>
+  void backward(const Conv2dBwdParams& b) const {
+    const Vec<T> slope(T(p.slope));
+    const int64_t nthreads = at::get_num_threads(), C = p.out_channels;
+    // Per-thread partial sums of dW, dscale, dshift; each is reduced in thread order below.
+    std::vector<std::vector<T>> dw_part(nthreads), ds_part(nthreads), dt_part(nthreads);
+    // dx accumulates in math type, NCHW; fp32/fp64 NCHW-contiguous dx is written in place.
+    const bool dx_direct = (std::is_same_v<T, float> ? p.input_dtype == DType::kFloat32
+                                                     : p.input_dtype == DType::kFloat64) &&
+                           b.dx_stride[3] == 1 && b.dx_stride[2] == p.in_w && b.dx_stride[1] == p.in_h * p.in_w &&
+                           b.dx_stride[0] == p.in_channels * p.in_h * p.in_w;
+    const int64_t dx_numel = p.batch * p.in_channels * p.in_h * p.in_w;
+    std::vector<T> dx_own(dx_direct ? 0 : dx_numel);
+    T* dx = dx_direct ? static_cast<T*>(b.dx) : dx_own.data();
+    at::parallel_for(0, dx_numel, at::internal::GRAIN_SIZE, [&](int64_t lo, int64_t hi) {
+      std::fill(dx + lo, dx + hi, T(0));
+    });
+    for (int phase = 0; phase < 2; ++phase) {
+      const int64_t count = (ntiles - phase + 1) / 2;
+      at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+        const int tid = at::get_thread_num();
+        auto& dw = dw_part[tid];
+        auto& ds = ds_part[tid];
+        auto& dt = dt_part[tid];
+        if (dw.empty()) dw.assign(C * K, T(0)), ds.assign(C, T(0)), dt.assign(C, T(0));
+        std::vector<T> colbuf(K * mt), acc(cout_g * mt), dcol(K * mt), zbuf(mt);
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t tile = 2 * i + phase, m0 = tile * mt, n_pix = std::min(mt, M - m0);
+          for (int64_t g = 0; g < p.groups; ++g) {
+            const T* col;
+            int64_t ldcol;
+            tile_gemm(g, m0, n_pix, colbuf.data(), acc.data(), col, ldcol);
+            // Prologue of the gradient GEMMs: acc -> gz = dout * act'(z) * scale, row by row.
+            for (int64_t oc = 0; oc < cout_g; ++oc) {
+              const int64_t c = g * cout_g + oc;
+              T* row = acc.data() + oc * n_pix;
+              if (p.residual) {
+                for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
+                  load(p.residual, p.input_dtype, n * p.res_stride_n + c * p.res_stride_c + pix * p.res_stride_p,
+                       p.res_stride_p, cnt, zbuf.data() + j);
+                });
+              }
+              T* gbuf = dcol.data();  // dcol is free until the second GEMM: it holds dout's row meanwhile
+              for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
+                load(b.dout, p.input_dtype, n * b.dout_stride_n + c * b.dout_stride_c + pix * b.dout_stride_p,
+                     b.dout_stride_p, cnt, gbuf + j);
+              });
+              const Vec<T> sc(s[c]), sh(t[c]);
+              Vec<T> sum_g(T(0)), sum_ga(T(0));
+              for (int64_t j = 0; j < n_pix; j += Vec<T>::size()) {
+                const int64_t cnt = std::min<int64_t>(Vec<T>::size(), n_pix - j);
+                const Vec<T> a = vload(row + j, cnt);
+                Vec<T> z = at::vec::fmadd(a, sc, sh);
+                if (p.residual) z = z + vload(zbuf.data() + j, cnt);
+                const Vec<T> gr = vload(gbuf + j, cnt) * act_grad<A>(z, slope);  // lanes past cnt load as 0
+                sum_g = sum_g + gr;
+                sum_ga = at::vec::fmadd(gr, a, sum_ga);
+                vstore(gr, gbuf + j, cnt);
+                vstore(gr * sc, row + j, cnt);
+              }
+              dt[c] += hsum(sum_g), ds[c] += hsum(sum_ga);
+              if (b.dresidual) {
+                for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
+                  store(gbuf + j, cnt, b.dresidual, p.input_dtype,
+                        n * b.dres_stride_n + c * b.dres_stride_c + pix * b.dres_stride_p, b.dres_stride_p);
+                });
+              }
+            }
+            const T* wg = w.data() + g * cout_g * K;
+            // dW_g[Cout_g, K] += gz[Cout_g, n_pix] @ col[K, n_pix]^T
+            rnn::cpu::gemm<T>(false, true, cout_g, K, n_pix, acc.data(), n_pix, col, ldcol, true,
+                              dw.data() + g * cout_g * K, K, /*parallel=*/false);
+            // dcol[K, n_pix] = W_g^T @ gz, then scattered into dx.
+            rnn::cpu::gemm<T>(true, false, K, n_pix, cout_g, wg, K, acc.data(), n_pix, false, dcol.data(), n_pix,
+                              /*parallel=*/false);
+            col2im(g, m0, n_pix, dcol.data(), dx);
+          }
+        }
+      });
+    }
+    T* dweight = static_cast<T*>(b.dweight);
+    T* dscale = static_cast<T*>(b.dscale);
+    T* dshift = static_cast<T*>(b.dshift);
+    std::fill(dweight, dweight + C * K, T(0));
+    std::fill(dscale, dscale + C, T(0));
+    std::fill(dshift, dshift + C, T(0));
+    for (int64_t tid = 0; tid < nthreads; ++tid) {
+      if (dw_part[tid].empty()) continue;
+      for (int64_t i = 0; i < C * K; ++i) dweight[i] += dw_part[tid][i];
+      for (int64_t c = 0; c < C; ++c) dscale[c] += ds_part[tid][c], dshift[c] += dt_part[tid][c];
+    }
+    if (!dx_direct) {
+      const int64_t rows = p.batch * p.in_channels * p.in_h;
+      at::parallel_for(0, rows, std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(p.in_w, 1)),
+                       [&](int64_t lo, int64_t hi) {
+                         for (int64_t r = lo; r < hi; ++r) {
+                           const int64_t ih = r % p.in_h, c = (r / p.in_h) % p.in_channels,
+                                         n = r / (p.in_h * p.in_channels);
+                           store(dx + r * p.in_w, p.in_w, b.dx, p.input_dtype,
+                                 n * b.dx_stride[0] + c * b.dx_stride[1] + ih * b.dx_stride[2], b.dx_stride[3]);
+                         }
+                       });
+    }
+  }
+};
+
+template <typename T>
+void fwd_impl(const Conv2dParams& p) {
+  const Conv<T> conv(p, 1);
+  act_switch(p.act, [&](auto a) { conv.template forward<decltype(a)::value>(); });
+}
+
+template <typename T>
+void bwd_impl(const Conv2dBwdParams& p) {
+  // Tiles span at least this many output rows, so that tiles two apart scatter into disjoint dx rows.
+  const int64_t rows = (p.kernel_h - 1) * p.dilation_h / p.stride_h + 1;
+  const Conv<T> conv(p, rows);
+  act_switch(p.act, [&](auto a) { conv.template backward<decltype(a)::value>(p); });
+}
+
+// Math type: fp64 for fp64 inputs, fp32 otherwise.
+void fwd_cpu(const Conv2dParams& p) {
+  if (p.input_dtype == DType::kFloat64) return fwd_impl<double>(p);
+  fwd_impl<float>(p);
+}
+void bwd_cpu(const Conv2dBwdParams& p) {
+  if (p.input_dtype == DType::kFloat64) return bwd_impl<double>(p);
+  bwd_impl<float>(p);
+}
+
+}  // namespace
+}  // namespace fastdl::conv
+
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) { FASTDL_REGISTER_CONV2D_IMPLS(m, fastdl::conv::fwd_cpu, fastdl::conv::bwd_cpu); }
