@@ -23,7 +23,7 @@
 //
 // The backward makes one pass over the same tiles: it regathers col, recomputes acc (one GEMM), and
 // in the GEMMs' prologue turns dout into g = dout * act'(pre-activation) and gz = g * scale, summing
-// dscale += g * acc and dshift += g on the way; then dW += gz @ col^T (into per-thread partials,
+// dscale += g * acc and dshift += g on the way; then dW^T += col @ gz^T (into per-thread partials,
 // summed in thread order at the end) and dcol = W^T @ gz, scattered back (col2im) into dx. Tiles two
 // apart never touch the same input rows (tiles span at least R = (KH - 1) * dh / sh + 1 output rows),
 // so the even tiles run in parallel, then the odd ones.
@@ -465,7 +465,13 @@ struct Conv {
     const Vec<T> slope(T(p.slope));
     const int64_t nthreads = at::get_num_threads(), C = p.out_channels;
     // Per-thread partial sums of dW, dscale, dshift; each is reduced in thread order below.
+    // dW is accumulated transposed, dW_g^T [K, Cout_g] = sum col @ gz^T, so that neither GEMM needs a
+    // transposed copy of a K-sized operand per tile (the small gz is transposed instead).
     std::vector<std::vector<T>> dw_part(nthreads), ds_part(nthreads), dt_part(nthreads);
+    std::vector<T> wT(p.groups * K * cout_g);  // [G][K][Cout_g]
+    for (int64_t g = 0; g < p.groups; ++g)
+      for (int64_t oc = 0; oc < cout_g; ++oc)
+        for (int64_t k = 0; k < K; ++k) wT[(g * K + k) * cout_g + oc] = w[(g * cout_g + oc) * K + k];
     // dx accumulates in math type, NCHW; fp32/fp64 NCHW-contiguous dx is written in place.
     const bool dx_direct = (std::is_same_v<T, float> ? p.input_dtype == DType::kFloat32
                                                      : p.input_dtype == DType::kFloat64) &&
@@ -485,7 +491,7 @@ struct Conv {
         auto& ds = ds_part[tid];
         auto& dt = dt_part[tid];
         if (dw.empty()) dw.assign(C * K, T(0)), ds.assign(C, T(0)), dt.assign(C, T(0));
-        std::vector<T> colbuf(K * mt), acc(cout_g * mt), dcol(K * mt), zbuf(mt);
+        std::vector<T> colbuf(K * mt), acc(cout_g * mt), gzT(cout_g * mt), dcol(K * mt), zbuf(mt);
         for (int64_t i = begin; i < end; ++i) {
           const int64_t tile = 2 * i + phase, m0 = tile * mt, n_pix = std::min(mt, M - m0);
           for (int64_t g = 0; g < p.groups; ++g) {
@@ -528,13 +534,16 @@ struct Conv {
                 });
               }
             }
-            const T* wg = w.data() + g * cout_g * K;
-            // dW_g[Cout_g, K] += gz[Cout_g, n_pix] @ col[K, n_pix]^T
-            rnn::cpu::gemm<T>(false, true, cout_g, K, n_pix, acc.data(), n_pix, col, ldcol, true,
-                              dw.data() + g * cout_g * K, K, /*parallel=*/false);
-            // dcol[K, n_pix] = W_g^T @ gz, then scattered into dx.
-            rnn::cpu::gemm<T>(true, false, K, n_pix, cout_g, wg, K, acc.data(), n_pix, false, dcol.data(), n_pix,
-                              /*parallel=*/false);
+            for (int64_t oc = 0; oc < cout_g; ++oc) {
+              const T* row = acc.data() + oc * n_pix;
+              for (int64_t j = 0; j < n_pix; ++j) gzT[j * cout_g + oc] = row[j];
+            }
+            // dW_g^T[K, Cout_g] += col[K, n_pix] @ gz^T[n_pix, Cout_g]
+            rnn::cpu::gemm<T>(false, false, K, cout_g, n_pix, col, ldcol, gzT.data(), cout_g, true,
+                              dw.data() + g * K * cout_g, cout_g, /*parallel=*/false);
+            // dcol[K, n_pix] = W_g^T[K, Cout_g] @ gz[Cout_g, n_pix], then scattered into dx.
+            rnn::cpu::gemm<T>(false, false, K, n_pix, cout_g, wT.data() + g * K * cout_g, cout_g, acc.data(), n_pix,
+                              false, dcol.data(), n_pix, /*parallel=*/false);
             col2im(g, m0, n_pix, dcol.data(), dx);
           }
         }
@@ -548,7 +557,10 @@ struct Conv {
     std::fill(dshift, dshift + C, T(0));
     for (int64_t tid = 0; tid < nthreads; ++tid) {
       if (dw_part[tid].empty()) continue;
-      for (int64_t i = 0; i < C * K; ++i) dweight[i] += dw_part[tid][i];
+      const T* part = dw_part[tid].data();  // [G][K][Cout_g]
+      for (int64_t g = 0; g < p.groups; ++g)
+        for (int64_t oc = 0; oc < cout_g; ++oc)
+          for (int64_t k = 0; k < K; ++k) dweight[(g * cout_g + oc) * K + k] += part[(g * K + k) * cout_g + oc];
       for (int64_t c = 0; c < C; ++c) dscale[c] += ds_part[tid][c], dshift[c] += dt_part[tid][c];
     }
     if (!dx_direct) {
