@@ -672,13 +672,19 @@ void scan_bwd_unit(const ScanBwdParams& p, const Units& units, int64_t unit, Bwd
 }
 
 // out[o * n + i] = sum over k < count of parts[(o * count + k) * n + i], for o < outer and i < n, adding
-// in order of k whatever the number of threads.
+// in order of k whatever the number of threads. With count = 0 (an empty batch, or a group with no
+// channels) the sums are zero and `parts` is empty: it is not read.
 template <typename T>
 void sum_parts(const T* parts, int64_t outer, int64_t count, int64_t n, void* out, DType dt) {
   at::parallel_for(0, outer * n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     std::vector<T> acc;
     for (int64_t o = begin / n; o * n < end; ++o) {
       const int64_t i0 = std::max(begin, o * n) - o * n, i1 = std::min(end, (o + 1) * n) - o * n;
+      if (count == 0) {
+        acc.assign(i1 - i0, T(0));
+        store_row(acc.data(), i1 - i0, out, dt, o * n + i0);
+        continue;
+      }
       const T* base = parts + o * count * n;
       acc.assign(base + i0, base + i1);
       for (int64_t k = 1; k < count; ++k)
