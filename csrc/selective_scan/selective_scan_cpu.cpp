@@ -452,11 +452,8 @@ void scan_fwd_unit(const ScanParams& p, const Units& units, int64_t unit, FwdWor
       const bool last_ch = ch + 1 == nd;
       prefetch_fwd_rows(p, b, last_ch ? d0 : d + 1, last_ch ? s0 + span : s0);
       T* hc = ws.h.data() + ch * npad;
-      V h[NV ? NV : kMaxVecs<T>], A2[NV ? NV : kMaxVecs<T>];  // A2 = A * log2(e): exp(delta A) = 2^(delta A2)
-      for (int k = 0; k < nv; ++k) {
-        h[k] = V::loadu(hc + k * W);
-        A2[k] = V::loadu(ws.Apad.data() + ch * npad + k * W) * V(kLog2e<T>);
-      }
+      V A2[NV ? NV : kMaxVecs<T>];  // A2 = A * log2(e): exp(delta A) = 2^(delta A2)
+      for (int k = 0; k < nv; ++k) A2[k] = V::loadu(ws.Apad.data() + ch * npad + k * W) * V(kLog2e<T>);
       T Dd = T(0);
       if (p.D) load_row(p.D, p.weight_dtype, d * p.D_stride, 1, 1, &Dd);
       // Per-channel B / C: the same row every step (step 0).
@@ -465,8 +462,6 @@ void scan_fwd_unit(const ScanParams& p, const Units& units, int64_t unit, FwdWor
       for (int64_t t0 = s0; t0 < s0 + slen; t0 += kChunk) {
         const int64_t len = std::min(kChunk, L - t0), c = t0 / kChunk;
         if (t0 + kChunk < s0 + slen) prefetch_fwd_rows(p, b, d, t0 + kChunk);
-        if constexpr (!kOneVecF32)
-          for (int k = 0; k < nv; ++k) h[k].store(hc + k * W);
         std::copy(hc, hc + n, ckpt + ((b * p.dim + d) * p.n_chunks + c) * n);
         load_delta_chunk(p, b, d, t0, len, ws.u, ws.dl_raw, ws.dl, ws.dlu);
         const T* Bp = p.is_variable_B ? ws.Bt.data() + (t0 - s0) * npad : ws.Bw.data() + ch * npad;
@@ -475,17 +470,24 @@ void scan_fwd_unit(const ScanParams& p, const Units& units, int64_t unit, FwdWor
         if constexpr (kOneVecF32)
           fwd_steps_1(hc, ws.Apad.data() + ch * npad, ws.dl, ws.dlu, Bp, bstep, Cp, cstep, len, ws.P);
 #endif
-        for (int64_t t = 0; t < (kOneVecF32 ? 0 : len); ++t) {
-          const V dt(ws.dl[t]), dtu(ws.dlu[t]);
-          const T* Bt = Bp + t * bstep;
-          const T* Ct = Cp + t * cstep;
-          V acc(T(0));
-          for (int k = 0; k < nv; ++k) {
-            const V a = vexp2(dt * A2[k]);
-            h[k] = at::vec::fmadd(a, h[k], V::loadu(Bt + k * W) * dtu);
-            acc = at::vec::fmadd(h[k], V::loadu(Ct + k * W), acc);
+        if constexpr (!kOneVecF32) {
+          // The state is loaded here and stored after the chunk, so that it is live across no call (held
+          // across the calls above, GCC kept it on the stack through the steps).
+          V h[NV ? NV : kMaxVecs<T>];
+          for (int k = 0; k < nv; ++k) h[k] = V::loadu(hc + k * W);
+          for (int64_t t = 0; t < len; ++t) {
+            const V dt(ws.dl[t]), dtu(ws.dlu[t]);
+            const T* Bt = Bp + t * bstep;
+            const T* Ct = Cp + t * cstep;
+            V acc(T(0));
+            for (int k = 0; k < nv; ++k) {
+              const V a = vexp2(dt * A2[k]);
+              h[k] = at::vec::fmadd(a, h[k], V::loadu(Bt + k * W) * dtu);
+              acc = at::vec::fmadd(h[k], V::loadu(Ct + k * W), acc);
+            }
+            acc.store(ws.P + t * W);
           }
-          acc.store(ws.P + t * W);
+          for (int k = 0; k < nv; ++k) h[k].store(hc + k * W);
         }
 
         row_sums(ws.P, len, ws.y);
@@ -502,8 +504,6 @@ void scan_fwd_unit(const ScanParams& p, const Units& units, int64_t unit, FwdWor
         });
         store_row(ws.y, len, p.out, p.input_dtype, (b * p.dim + d) * L + t0);
       }
-      if constexpr (!kOneVecF32)
-        for (int k = 0; k < nv; ++k) h[k].store(hc + k * W);
     }
   }
   T* last = static_cast<T*>(p.last_state);
