@@ -343,17 +343,33 @@ void load_block_params(const ScanParams& p, int64_t d0, int64_t nd, int64_t npad
 template <typename T>
 void load_delta_chunk(const ScanParams& p, int64_t b, int64_t d, int64_t t0, int64_t len, T* u, T* dl_raw, T* dl,
                       T* dlu) {
-  load_row(p.u, p.input_dtype, b * p.u_batch_stride + d * p.u_d_stride + t0 * p.u_l_stride, p.u_l_stride, len, u);
-  load_row(p.delta, p.input_dtype, b * p.delta_batch_stride + d * p.delta_d_stride + t0 * p.delta_l_stride,
-           p.delta_l_stride, len, dl_raw);
+  const int64_t u_off = b * p.u_batch_stride + d * p.u_d_stride + t0 * p.u_l_stride;
+  const int64_t dl_off = b * p.delta_batch_stride + d * p.delta_d_stride + t0 * p.delta_l_stride;
   T bias = T(0);
   if (p.delta_bias) load_row(p.delta_bias, p.weight_dtype, d * p.delta_bias_stride, 1, 1, &bias);
+  // Rows already in the math type and contiguous are read in place (the copy is fused into the pass
+  // below); others are converted / gathered into u and dl_raw first.
+  constexpr DType kMath = std::is_same_v<T, double> ? DType::kFloat64 : DType::kFloat32;
+  const T* us = u;
+  const T* ds = dl_raw;
+  if (p.input_dtype == kMath && p.u_l_stride == 1) {
+    us = static_cast<const T*>(p.u) + u_off;
+  } else {
+    load_row(p.u, p.input_dtype, u_off, p.u_l_stride, len, u);
+  }
+  if (p.input_dtype == kMath && p.delta_l_stride == 1) {
+    ds = static_cast<const T*>(p.delta) + dl_off;
+  } else {
+    load_row(p.delta, p.input_dtype, dl_off, p.delta_l_stride, len, dl_raw);
+  }
   vec_loop<T>(len, [&](int64_t i, int64_t cnt) {
-    Vec<T> x = vload(dl_raw + i, cnt) + Vec<T>(bias);
+    const Vec<T> uv = vload(us + i, cnt);
+    if (us != u) vstore(uv, u + i, cnt);
+    Vec<T> x = vload(ds + i, cnt) + Vec<T>(bias);
     vstore(x, dl_raw + i, cnt);
     if (p.delta_softplus) x = vsoftplus(x);
     vstore(x, dl + i, cnt);
-    vstore(x * vload(u + i, cnt), dlu + i, cnt);
+    vstore(x * uv, dlu + i, cnt);
   });
 }
 
