@@ -147,32 +147,13 @@ inline void vec_loop(int64_t n, F&& f) {
   for (int64_t i = 0; i < n; i += W) f(i, std::min<int64_t>(W, n - i));
 }
 
-template <typename T>
-inline Vec<T> vsigmoid(const Vec<T>& x) {
-  return Vec<T>(T(1)) / (Vec<T>(T(1)) + x.neg().exp());
-}
-
-// torch.nn.functional.softplus (beta 1, threshold 20): x > 20 ? x : log1p(exp(x)).
-template <typename T>
-inline Vec<T> vsoftplus(const Vec<T>& x) {
-  const Vec<T> thr(T(20));
-  return Vec<T>::blendv(at::vec::minimum(x, thr).exp().log1p(), x, x > thr);
-}
-// Its derivative, as torch's softplus_backward: x > 20 ? 1 : sigmoid(x).
-template <typename T>
-inline Vec<T> vsoftplus_grad(const Vec<T>& x) {
-  const Vec<T> thr(T(20));
-  return Vec<T>::blendv(vsigmoid(at::vec::minimum(x, thr)), Vec<T>(T(1)), x > thr);
-}
-
 // 2^x. The scan folds log2(e) into A once per channel (as mamba-ssm's kernels do for exp2f), so the
 // inner loop pays one multiply and this. fp32 with AVX512: split x = n + f with f in [-0.5, 0.5],
 // 2^f from a degree-5 polynomial (relative error 2e-7, fitted to minimise the relative error on that
 // interval), and scalef for the 2^n, which also turns large negative x into 0 without extra clamps.
 // Elsewhere: at::vec's exp2 (Sleef, 1 ulp).
-inline Vec<float> vexp2(const Vec<float>& x) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 v = x;
+inline __m512 exp2_ps(const __m512 v) {
   const __m512 n = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(v, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.001326472731307149f), f, _mm512_set1_ps(0.009671512991189957f));
@@ -181,11 +162,62 @@ inline Vec<float> vexp2(const Vec<float>& x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931470036506653f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+#endif
+inline Vec<float> vexp2(const Vec<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return exp2_ps(x);
 #else
   return x.exp2();
 #endif
 }
 inline Vec<double> vexp2(const Vec<double>& x) { return x.exp2(); }
+
+// exp(x) = 2^(x log2 e): with the polynomial above, ~2e-7 relative error in fp32 (Sleef's expf is ~1 ulp
+// but costs several times as many instructions; the softplus and the silu gate run once per step). x is
+// clamped to [-104, 89] first, so that exp(-inf) = 0 and exp(inf) = inf (2^f would be inf - inf = NaN).
+template <typename T>
+inline Vec<T> vexp(const Vec<T>& x) {
+  const Vec<T> xc = at::vec::minimum(at::vec::maximum(x, Vec<T>(T(-104))), Vec<T>(T(89)));
+  return vexp2(xc * Vec<T>(T(1.4426950408889634)));
+}
+inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+
+template <typename T>
+inline Vec<T> vsigmoid(const Vec<T>& x) {
+  return Vec<T>(T(1)) / (Vec<T>(T(1)) + vexp(x.neg()));
+}
+
+// log1p(e) for e in [0, 1] as e q(e), q of degree 8 fitted to the relative error (2.1e-7 in fp32 Horner).
+inline Vec<float> vlog1p_unit(const Vec<float>& e) {
+  using V = Vec<float>;
+  V q(0.0051058256067335606f);
+  for (const float c : {-0.028991956263780594f, 0.07738073915243149f, -0.13590599596500397f, 0.1907130926847458f,
+                        -0.2483394593000412f, 0.3331793546676636f, -0.4999943673610687f, 0.9999999403953552f})
+    q = at::vec::fmadd(q, e, V(c));
+  return e * q;
+}
+
+// torch.nn.functional.softplus (beta 1, threshold 20): x > 20 ? x : log1p(exp(x)). In fp32 as
+// max(x, 0) + log1p(exp(-|x|)), exp(-|x|) in (0, 1]: one exp2 polynomial and one log1p polynomial,
+// ~3e-7 relative error (instead of Sleef's expf + log1pf, ~15% of the forward's time).
+template <typename T>
+inline Vec<T> vsoftplus(const Vec<T>& x) {
+  const Vec<T> thr(T(20));
+  return Vec<T>::blendv(at::vec::minimum(x, thr).exp().log1p(), x, x > thr);
+}
+inline Vec<float> vsoftplus(const Vec<float>& x) {
+  using V = Vec<float>;
+  const V e = vexp(x.abs().neg());
+  return V::blendv(at::vec::maximum(x, V(0.f)) + vlog1p_unit(e), x, x > V(20.f));
+}
+// Its derivative, as torch's softplus_backward: x > 20 ? 1 : sigmoid(x).
+template <typename T>
+inline Vec<T> vsoftplus_grad(const Vec<T>& x) {
+  const Vec<T> thr(T(20));
+  return Vec<T>::blendv(vsigmoid(at::vec::minimum(x, thr)), Vec<T>(T(1)), x > thr);
+}
+
 
 // out[t] = sum of the W lanes of row t of P ([len][W]).
 inline void row_sums(const float* P, int64_t len, float* out) {
@@ -311,17 +343,33 @@ void load_block_params(const ScanParams& p, int64_t d0, int64_t nd, int64_t npad
 template <typename T>
 void load_delta_chunk(const ScanParams& p, int64_t b, int64_t d, int64_t t0, int64_t len, T* u, T* dl_raw, T* dl,
                       T* dlu) {
-  load_row(p.u, p.input_dtype, b * p.u_batch_stride + d * p.u_d_stride + t0 * p.u_l_stride, p.u_l_stride, len, u);
-  load_row(p.delta, p.input_dtype, b * p.delta_batch_stride + d * p.delta_d_stride + t0 * p.delta_l_stride,
-           p.delta_l_stride, len, dl_raw);
+  const int64_t u_off = b * p.u_batch_stride + d * p.u_d_stride + t0 * p.u_l_stride;
+  const int64_t dl_off = b * p.delta_batch_stride + d * p.delta_d_stride + t0 * p.delta_l_stride;
   T bias = T(0);
   if (p.delta_bias) load_row(p.delta_bias, p.weight_dtype, d * p.delta_bias_stride, 1, 1, &bias);
+  // Rows already in the math type and contiguous are read in place (the copy is fused into the pass
+  // below); others are converted / gathered into u and dl_raw first.
+  constexpr DType kMath = std::is_same_v<T, double> ? DType::kFloat64 : DType::kFloat32;
+  const T* us = u;
+  const T* ds = dl_raw;
+  if (p.input_dtype == kMath && p.u_l_stride == 1) {
+    us = static_cast<const T*>(p.u) + u_off;
+  } else {
+    load_row(p.u, p.input_dtype, u_off, p.u_l_stride, len, u);
+  }
+  if (p.input_dtype == kMath && p.delta_l_stride == 1) {
+    ds = static_cast<const T*>(p.delta) + dl_off;
+  } else {
+    load_row(p.delta, p.input_dtype, dl_off, p.delta_l_stride, len, dl_raw);
+  }
   vec_loop<T>(len, [&](int64_t i, int64_t cnt) {
-    Vec<T> x = vload(dl_raw + i, cnt) + Vec<T>(bias);
+    const Vec<T> uv = vload(us + i, cnt);
+    if (us != u) vstore(uv, u + i, cnt);
+    Vec<T> x = vload(ds + i, cnt) + Vec<T>(bias);
     vstore(x, dl_raw + i, cnt);
     if (p.delta_softplus) x = vsoftplus(x);
     vstore(x, dl + i, cnt);
-    vstore(x * vload(u + i, cnt), dlu + i, cnt);
+    vstore(x * uv, dlu + i, cnt);
   });
 }
 
@@ -352,6 +400,24 @@ inline void prefetch_bwd_rows(const ScanBwdParams& p, int64_t b, int64_t d, int6
 
 // ---- forward ----
 
+#if defined(CPU_CAPABILITY_AVX512)
+// One channel's chunk at dstate <= 16 in fp32 (one vector): h_t = 2^(delta_t A log2 e) h_{t-1} + delta_t u_t B_t,
+// P[t] = C_t * h_t (summed across lanes by row_sums). Written on raw registers: in the generic loop below
+// GCC kept the state array V h[1] on the stack, so every step's FMA waited on a store-to-load round trip
+// (~45% of the forward's samples on the instruction after it).
+inline void fwd_steps_1(float* hc, const float* Ac, const float* dl, const float* dlu, const float* Bp, int64_t bstep,
+                        const float* Cp, int64_t cstep, int64_t len, float* P) {
+  __m512 h = _mm512_loadu_ps(hc);
+  const __m512 a2 = _mm512_mul_ps(_mm512_loadu_ps(Ac), _mm512_set1_ps(kLog2e<float>));
+  for (int64_t t = 0; t < len; ++t) {
+    const __m512 a = exp2_ps(_mm512_mul_ps(_mm512_set1_ps(dl[t]), a2));
+    h = _mm512_fmadd_ps(a, h, _mm512_mul_ps(_mm512_loadu_ps(Bp + t * bstep), _mm512_set1_ps(dlu[t])));
+    _mm512_storeu_ps(P + t * 16, _mm512_mul_ps(h, _mm512_loadu_ps(Cp + t * cstep)));
+  }
+  _mm512_storeu_ps(hc, h);
+}
+#endif
+
 template <typename T>
 struct FwdWorkspace {
   std::vector<T> Bt, Ct, staging, Apad, Bw, Cw, h;
@@ -372,6 +438,12 @@ void scan_fwd_unit(const ScanParams& p, const Units& units, int64_t unit, FwdWor
   units.decode(unit, b, g, j, d0, d1);
   const int64_t nd = d1 - d0;
   T* ckpt = static_cast<T*>(p.checkpoints);
+  // fp32, dstate <= 16 on AVX512: the steps run in fwd_steps_1 on the state row hc.
+#if defined(CPU_CAPABILITY_AVX512)
+  constexpr bool kOneVecF32 = std::is_same_v<T, float> && NV == 1;
+#else
+  constexpr bool kOneVecF32 = false;
+#endif
 
   load_block_params(p, d0, nd, npad, ws.Apad.data(), ws.Bw.data(), ws.Cw.data());
   std::fill(ws.h.begin(), ws.h.end(), T(0));
@@ -396,11 +468,8 @@ void scan_fwd_unit(const ScanParams& p, const Units& units, int64_t unit, FwdWor
       const bool last_ch = ch + 1 == nd;
       prefetch_fwd_rows(p, b, last_ch ? d0 : d + 1, last_ch ? s0 + span : s0);
       T* hc = ws.h.data() + ch * npad;
-      V h[NV ? NV : kMaxVecs<T>], A2[NV ? NV : kMaxVecs<T>];  // A2 = A * log2(e): exp(delta A) = 2^(delta A2)
-      for (int k = 0; k < nv; ++k) {
-        h[k] = V::loadu(hc + k * W);
-        A2[k] = V::loadu(ws.Apad.data() + ch * npad + k * W) * V(kLog2e<T>);
-      }
+      V A2[NV ? NV : kMaxVecs<T>];  // A2 = A * log2(e): exp(delta A) = 2^(delta A2)
+      for (int k = 0; k < nv; ++k) A2[k] = V::loadu(ws.Apad.data() + ch * npad + k * W) * V(kLog2e<T>);
       T Dd = T(0);
       if (p.D) load_row(p.D, p.weight_dtype, d * p.D_stride, 1, 1, &Dd);
       // Per-channel B / C: the same row every step (step 0).
@@ -409,22 +478,32 @@ void scan_fwd_unit(const ScanParams& p, const Units& units, int64_t unit, FwdWor
       for (int64_t t0 = s0; t0 < s0 + slen; t0 += kChunk) {
         const int64_t len = std::min(kChunk, L - t0), c = t0 / kChunk;
         if (t0 + kChunk < s0 + slen) prefetch_fwd_rows(p, b, d, t0 + kChunk);
-        for (int k = 0; k < nv; ++k) h[k].store(hc + k * W);
         std::copy(hc, hc + n, ckpt + ((b * p.dim + d) * p.n_chunks + c) * n);
         load_delta_chunk(p, b, d, t0, len, ws.u, ws.dl_raw, ws.dl, ws.dlu);
         const T* Bp = p.is_variable_B ? ws.Bt.data() + (t0 - s0) * npad : ws.Bw.data() + ch * npad;
         const T* Cp = p.is_variable_C ? ws.Ct.data() + (t0 - s0) * npad : ws.Cw.data() + ch * npad;
-        for (int64_t t = 0; t < len; ++t) {
-          const V dt(ws.dl[t]), dtu(ws.dlu[t]);
-          const T* Bt = Bp + t * bstep;
-          const T* Ct = Cp + t * cstep;
-          V acc(T(0));
-          for (int k = 0; k < nv; ++k) {
-            const V a = vexp2(dt * A2[k]);
-            h[k] = at::vec::fmadd(a, h[k], V::loadu(Bt + k * W) * dtu);
-            acc = at::vec::fmadd(h[k], V::loadu(Ct + k * W), acc);
+#if defined(CPU_CAPABILITY_AVX512)
+        if constexpr (kOneVecF32)
+          fwd_steps_1(hc, ws.Apad.data() + ch * npad, ws.dl, ws.dlu, Bp, bstep, Cp, cstep, len, ws.P);
+#endif
+        if constexpr (!kOneVecF32) {
+          // The state is loaded here and stored after the chunk, so that it is live across no call (held
+          // across the calls above, GCC kept it on the stack through the steps).
+          V h[NV ? NV : kMaxVecs<T>];
+          for (int k = 0; k < nv; ++k) h[k] = V::loadu(hc + k * W);
+          for (int64_t t = 0; t < len; ++t) {
+            const V dt(ws.dl[t]), dtu(ws.dlu[t]);
+            const T* Bt = Bp + t * bstep;
+            const T* Ct = Cp + t * cstep;
+            V acc(T(0));
+            for (int k = 0; k < nv; ++k) {
+              const V a = vexp2(dt * A2[k]);
+              h[k] = at::vec::fmadd(a, h[k], V::loadu(Bt + k * W) * dtu);
+              acc = at::vec::fmadd(h[k], V::loadu(Ct + k * W), acc);
+            }
+            acc.store(ws.P + t * W);
           }
-          acc.store(ws.P + t * W);
+          for (int k = 0; k < nv; ++k) h[k].store(hc + k * W);
         }
 
         row_sums(ws.P, len, ws.y);
@@ -441,7 +520,6 @@ void scan_fwd_unit(const ScanParams& p, const Units& units, int64_t unit, FwdWor
         });
         store_row(ws.y, len, p.out, p.input_dtype, (b * p.dim + d) * L + t0);
       }
-      for (int k = 0; k < nv; ++k) h[k].store(hc + k * W);
     }
   }
   T* last = static_cast<T*>(p.last_state);
@@ -672,13 +750,19 @@ void scan_bwd_unit(const ScanBwdParams& p, const Units& units, int64_t unit, Bwd
 }
 
 // out[o * n + i] = sum over k < count of parts[(o * count + k) * n + i], for o < outer and i < n, adding
-// in order of k whatever the number of threads.
+// in order of k whatever the number of threads. With count = 0 (an empty batch, or a group with no
+// channels) the sums are zero and `parts` is empty: it is not read.
 template <typename T>
 void sum_parts(const T* parts, int64_t outer, int64_t count, int64_t n, void* out, DType dt) {
   at::parallel_for(0, outer * n, at::internal::GRAIN_SIZE, [&](int64_t begin, int64_t end) {
     std::vector<T> acc;
     for (int64_t o = begin / n; o * n < end; ++o) {
       const int64_t i0 = std::max(begin, o * n) - o * n, i1 = std::min(end, (o + 1) * n) - o * n;
+      if (count == 0) {
+        acc.assign(i1 - i0, T(0));
+        store_row(acc.data(), i1 - i0, out, dt, o * n + i0);
+        continue;
+      }
       const T* base = parts + o * count * n;
       acc.assign(base + i0, base + i1);
       for (int64_t k = 1; k < count; ++k)

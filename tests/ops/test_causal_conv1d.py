@@ -102,6 +102,25 @@ def test_channel_last_and_strided_inputs():
         torch.testing.assert_close(a, c, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("batch,dim,seqlen", [(0, 6, 50), (2, 0, 50), (2, 6, 0), (0, 0, 0)])
+def test_empty_shapes(batch, dim, seqlen):
+    """Outputs of the right shapes; gradients of a sum over nothing are zero."""
+    x, w, b = (t.float() for t in make_inputs(batch=batch, dim=dim, seqlen=seqlen, width=4))
+    out, dx, _ = run(causal_conv1d_fn, x, w, b, "silu")
+    assert out.shape == (batch, dim, seqlen)
+    for g, t in zip(dx, (x, w, b)):
+        assert g.shape == t.shape and not g.any()
+    state, token = torch.randn(batch, dim, 3), torch.randn(batch, dim)
+    ref_state = state.clone()
+    step = causal_conv1d_update(token, state, w, b, activation="silu")
+    assert step.shape == (batch, dim)
+    if dim == 0:  # the reference's F.conv1d refuses groups = 0
+        return
+    ref = causal_conv1d_update_ref(token, ref_state, w, b, activation="silu")
+    torch.testing.assert_close(step, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(state, ref_state)
+
+
 # ---- decoding --------------------------------------------------------------------------------------------
 
 

@@ -221,6 +221,37 @@ def test_gradient_through_last_state_only():
             torch.testing.assert_close(leaves[k].grad.double(), ref[k].grad, rtol=RTOL, atol=ATOL)
 
 
+# ---- empty shapes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch,dim,seqlen", [(0, 4, 70), (2, 0, 70), (2, 4, 0), (0, 0, 0), (0, 4, 0)])
+@pytest.mark.parametrize("kinds", [("var", "var"), ("grouped", "const"), ("const", "const")])
+def test_empty_shapes(batch, dim, seqlen, kinds):
+    """Empty batch, no channels or no steps: outputs of the right shapes, and the gradients of a sum over
+    nothing are zero (dinitial_state = dlast_state when seqlen = 0). The backward with batch 0 used to
+    read partial sums from an empty buffer (segfault)."""
+    x = cast(make_inputs(batch=batch, dim=dim, seqlen=seqlen, dstate=5, B_kind=kinds[0], C_kind=kinds[1]),
+             torch.float32)
+    out, last, dx, grads = run(selective_scan_fn, x, True)
+    assert out.shape == (batch, dim, seqlen) and last.shape == (batch, dim, 5)
+    if seqlen == 0:
+        torch.testing.assert_close(last, x["initial_state"])
+        torch.testing.assert_close(dx["initial_state"], grads[1].float())
+    for k in ("A", "D", "delta_bias"):
+        assert dx[k].shape == x[k].shape and not dx[k].any(), k
+    for k in NAMES:
+        assert dx[k].shape == x[k].shape, k
+    if batch * dim * seqlen == 0 and seqlen > 0:
+        assert not torch.cat([dx[k].flatten() for k in NAMES]).any()
+
+
+@pytest.mark.parametrize("batch,dim", [(0, 8), (3, 0)])
+def test_state_update_empty(batch, dim):
+    state, step = make_state_update_inputs(torch.float32, batch=batch, dim=dim, groups=0)
+    out = selective_state_update(state, **step, dt_softplus=True)
+    assert out.shape == (batch, dim) and state.shape == (batch, dim, 6)
+
+
 # ---- composition ----------------------------------------------------------------------------------------
 
 
