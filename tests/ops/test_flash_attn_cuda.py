@@ -8,10 +8,11 @@ same reference computed in fp16/bf16.
 
 import pytest
 import torch
-from .test_flash_attn import assert_lse, assert_rule, check_against_ref, fast_and_ref, make_qkv, random_cu_seqlens
 
 import fastdl
 from fastdl.ops.flash_attn import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+
+from .test_flash_attn import assert_lse, assert_rule, check_against_ref, fast_and_ref, make_qkv, random_cu_seqlens
 
 OPS = ("flash_attn_fwd", "flash_attn_varlen_fwd", "flash_attn_bwd", "flash_attn_varlen_bwd")
 DTYPES = [torch.float16, torch.bfloat16]

@@ -10,10 +10,11 @@ Marked slow (building takes a few minutes): run with --runslow.
 
 import pytest
 import torch
-from .cuda_emu import load_flash_emu
-from .test_flash_attn import assert_lse, assert_rule, make_qkv, random_cu_seqlens
 
 from fastdl.ops.flash_attn import attention_ref, attention_varlen_ref
+
+from .cuda_emu import load_flash_emu
+from .test_flash_attn import assert_lse, assert_rule, make_qkv, random_cu_seqlens
 
 pytestmark = pytest.mark.slow
 
