@@ -39,7 +39,7 @@ def gpt_loss(outputs: tuple[Tensor, Tensor | None], targets: Tensor) -> Tensor:
 @register_recipe(
     "gpt-chars", options=GPTCharsOptions,
     description="small GPT on the built-in text, character level (flash attention + fused AdamW)",
-    train=TrainConfig(steps=300, lr=3e-3, weight_decay=0.1, warmup_steps=30, min_lr=3e-4, eval_every=100,
+    train=TrainConfig(steps=600, lr=3e-3, weight_decay=0.1, warmup_steps=30, min_lr=3e-4, eval_every=100,
                       eval_batches=8, log_every=10, throughput_unit="tokens"),
 )
 def gpt_chars(options: GPTCharsOptions, env: RecipeEnv) -> RecipeParts:
