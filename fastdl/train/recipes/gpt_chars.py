@@ -7,15 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
 from fastdl.data import char_lm_datasets
-from fastdl.train import losses
 from fastdl.train.config import TrainConfig
-from fastdl.train.metrics import Perplexity
 from fastdl.train.recipes import RecipeEnv, RecipeParts, register_recipe
+from fastdl.train.recipes.char_lm import char_lm_parts
 
 
 @dataclass
@@ -31,11 +26,6 @@ class GPTCharsOptions:
     sample_prompt: str = "def "    # where the sample starts; characters missing from the vocabulary are dropped
 
 
-def gpt_loss(outputs: tuple[Tensor, Tensor | None], targets: Tensor) -> Tensor:
-    """GPT.forward returns (logits, loss); the trainer owns the loss, so it takes the logits."""
-    return losses.cross_entropy(outputs[0], targets)
-
-
 @register_recipe(
     "gpt-chars", options=GPTCharsOptions,
     description="small GPT on the built-in text, character level (flash attention + fused AdamW)",
@@ -49,24 +39,6 @@ def gpt_chars(options: GPTCharsOptions, env: RecipeEnv) -> RecipeParts:
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=options.block_size, n_layer=options.n_layer,
                           n_embd=options.n_embd, n_head=options.n_head, n_kv_head=options.n_kv_head,
                           dropout=options.dropout))
-
-    def sample(trained: nn.Module) -> str:
-        prompt = [c for c in options.sample_prompt if c in tokenizer.vocab] or [tokenizer.vocab[0]]
-        idx = tokenizer.encode("".join(prompt)).unsqueeze(0).to(next(trained.parameters()).device)
-        steps = min(options.sample_chars, options.block_size - idx.shape[1])
-        trained.eval()
-        with torch.no_grad():
-            out = trained.generate(idx, steps, temperature=0.8, top_k=20,
-                                   generator=torch.Generator(device=idx.device).manual_seed(env.train.seed))
-        return tokenizer.decode(out[0].tolist())
-
-    return RecipeParts(
-        model=model,
-        loss_fn=gpt_loss,
-        train_loader=DataLoader(train, batch_size=options.batch_size, shuffle=True),
-        eval_loader=DataLoader(val, batch_size=options.batch_size),
-        metrics={"perplexity": Perplexity()},
-        meta={"vocab": tokenizer.vocab, "num_params": model.num_params()},
-        final_metric="eval_perplexity",
-        sample=sample,
-    )
+    return char_lm_parts(model, tokenizer, train, val, batch_size=options.batch_size,
+                         sample_prompt=options.sample_prompt, sample_chars=options.sample_chars, env=env,
+                         context=options.block_size)

@@ -8,15 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
 from fastdl.data import char_lm_datasets
-from fastdl.train import losses
 from fastdl.train.config import TrainConfig
-from fastdl.train.metrics import Perplexity
 from fastdl.train.recipes import RecipeEnv, RecipeParts, register_recipe
+from fastdl.train.recipes.char_lm import char_lm_parts
 
 
 @dataclass
@@ -32,11 +27,6 @@ class LSTMCharsOptions:
     sample_prompt: str = "def "    # where the sample starts; characters missing from the vocabulary are dropped
 
 
-def char_rnn_loss(outputs: tuple[Tensor, Tensor | None], targets: Tensor) -> Tensor:
-    """CharRNN.forward returns (logits, loss); the trainer owns the loss, so it takes the logits."""
-    return losses.cross_entropy(outputs[0], targets)
-
-
 @register_recipe(
     "lstm-chars", options=LSTMCharsOptions,
     description="LSTM (or GRU) character LM on the built-in text (fused recurrent layers + fused AdamW)",
@@ -50,23 +40,6 @@ def lstm_chars(options: LSTMCharsOptions, env: RecipeEnv) -> RecipeParts:
     model = CharRNN(CharRNNConfig(vocab_size=tokenizer.vocab_size, cell=options.cell, n_embd=options.n_embd,
                                   hidden_size=options.hidden_size, num_layers=options.num_layers,
                                   dropout=options.dropout))
-
-    def sample(trained: nn.Module) -> str:
-        prompt = [c for c in options.sample_prompt if c in tokenizer.vocab] or [tokenizer.vocab[0]]
-        idx = tokenizer.encode("".join(prompt)).unsqueeze(0).to(next(trained.parameters()).device)
-        trained.eval()
-        with torch.no_grad():
-            out = trained.generate(idx, options.sample_chars, temperature=0.8, top_k=20,
-                                   generator=torch.Generator(device=idx.device).manual_seed(env.train.seed))
-        return tokenizer.decode(out[0].tolist())
-
-    return RecipeParts(
-        model=model,
-        loss_fn=char_rnn_loss,
-        train_loader=DataLoader(train, batch_size=options.batch_size, shuffle=True),
-        eval_loader=DataLoader(val, batch_size=options.batch_size),
-        metrics={"perplexity": Perplexity()},
-        meta={"vocab": tokenizer.vocab, "cell": options.cell, "num_params": model.num_params()},
-        final_metric="eval_perplexity",
-        sample=sample,
-    )
+    return char_lm_parts(model, tokenizer, train, val, batch_size=options.batch_size,
+                         sample_prompt=options.sample_prompt, sample_chars=options.sample_chars, env=env,
+                         meta={"cell": options.cell})

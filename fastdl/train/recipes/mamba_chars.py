@@ -9,15 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
-from torch.utils.data import DataLoader
-
 from fastdl.data import char_lm_datasets
-from fastdl.train import losses
 from fastdl.train.config import TrainConfig
-from fastdl.train.metrics import Perplexity
 from fastdl.train.recipes import RecipeEnv, RecipeParts, register_recipe
+from fastdl.train.recipes.char_lm import char_lm_parts
 
 
 @dataclass
@@ -34,11 +29,6 @@ class MambaCharsOptions:
     sample_prompt: str = "def "    # where the sample starts; characters missing from the vocabulary are dropped
 
 
-def mamba_loss(outputs: tuple[Tensor, Tensor | None], targets: Tensor) -> Tensor:
-    """MambaLM.forward returns (logits, loss); the trainer owns the loss, so it takes the logits."""
-    return losses.cross_entropy(outputs[0], targets)
-
-
 @register_recipe(
     "mamba-chars", options=MambaCharsOptions,
     description="small Mamba LM on the built-in text, character level (selective scan + causal conv1d)",
@@ -52,23 +42,5 @@ def mamba_chars(options: MambaCharsOptions, env: RecipeEnv) -> RecipeParts:
     model = MambaLM(MambaConfig(vocab_size=tokenizer.vocab_size, n_layer=options.n_layer, d_model=options.d_model,
                                 d_state=options.d_state, d_conv=options.d_conv, expand=options.expand,
                                 dropout=options.dropout))
-
-    def sample(trained: nn.Module) -> str:
-        prompt = [c for c in options.sample_prompt if c in tokenizer.vocab] or [tokenizer.vocab[0]]
-        idx = tokenizer.encode("".join(prompt)).unsqueeze(0).to(next(trained.parameters()).device)
-        trained.eval()
-        with torch.no_grad():
-            out = trained.generate(idx, options.sample_chars, temperature=0.8, top_k=20,
-                                   generator=torch.Generator(device=idx.device).manual_seed(env.train.seed))
-        return tokenizer.decode(out[0].tolist())
-
-    return RecipeParts(
-        model=model,
-        loss_fn=mamba_loss,
-        train_loader=DataLoader(train, batch_size=options.batch_size, shuffle=True),
-        eval_loader=DataLoader(val, batch_size=options.batch_size),
-        metrics={"perplexity": Perplexity()},
-        meta={"vocab": tokenizer.vocab, "num_params": model.num_params()},
-        final_metric="eval_perplexity",
-        sample=sample,
-    )
+    return char_lm_parts(model, tokenizer, train, val, batch_size=options.batch_size,
+                         sample_prompt=options.sample_prompt, sample_chars=options.sample_chars, env=env)
