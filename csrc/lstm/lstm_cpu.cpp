@@ -142,15 +142,26 @@ class WorkspacePool {
   size_t cached_ = 0;
 };
 
-// Whether one step's recurrent GEMM is split across threads. A step is a fork/join of the thread
-// pool, and on a machine shared with other jobs one descheduled thread stalls the join for a whole
-// time slice (milliseconds) at every step. Below 64 MFLOP per thread per step (~0.3 ms; B = 32,
-// H = 512 is 67 MFLOP) the steps stay on the calling thread, and threads work on the input projection
-// and the weight gradients, which are chunks of ~256 rows. Measured with 2 threads on a 2-core machine
-// under load ~9: forward 500-560 ms with serial steps against 940-1370 ms with parallel steps (torch's
-// oneDNN LSTM, same runs: 850-1870 ms); single-threaded it is ~100 ms.
+// Whether one step's recurrent GEMM (and the cell, and the LSTMCell op's GEMM) is split across threads.
+// A step is a fork/join of the thread pool, and on a machine shared with other jobs one descheduled
+// thread stalls the join for a whole time slice at every step: under load ~9, serial steps gave a
+// forward of 500-560 ms against 940-1370 ms with parallel ones. But on an idle 2-core machine serial
+// steps leave the second core idle for most of the forward (the per-step GEMM is ~60% of it): with a
+// 64 MFLOP-per-thread threshold B = 32, H = 512 (67 MFLOP a step) stayed serial and ran at 1.57x
+// torch's forward, 1.18x forward + backward, 0.83x the LSTMCell step; with 4 MFLOP per thread (~20 us
+// of GEMM, a few fork/joins' worth) 1.04x, 0.93x, 0.50x (benchmarks/RESULTS.md, lstm). Every tile is
+// owned by one thread with a fixed reduction order, so results do not depend on this choice (checked
+// bit for bit at 1 and 2 threads, 4 and 64 MFLOP).
+// FASTDL_RNN_STEP_MFLOP (environment, read once) overrides the threshold.
+inline int64_t step_mflop_threshold() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("FASTDL_RNN_STEP_MFLOP");
+    return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(4);
+  }();
+  return v;
+}
 inline bool parallel_steps(int64_t batch, int64_t gates_width, int64_t state) {
-  return 2 * batch * gates_width * state >= int64_t(at::get_num_threads()) * (int64_t(64) << 20);
+  return 2 * batch * gates_width * state >= int64_t(at::get_num_threads()) * (step_mflop_threshold() << 20);
 }
 
 // Step index of the k-th step in processing order.

@@ -13,8 +13,8 @@
 // deterministic, so two runs give bit-identical results.
 //
 // The workspace has the CPU layout (lstm_params.h's workspace_layout), so shapes and the fake kernels agree.
-// Dtypes as on the CPU: fp32, fp64 (gradcheck) and bf16, which is converted to fp32 at the boundary (the
-// state stays fp32 between steps). Built by setup.py only (it needs torch's CUDA headers).
+// Dtypes: as on the CPU fp32, fp64 (gradcheck) and bf16, and on CUDA also fp16; bf16 and fp16 are converted
+// to fp32 at the boundary (the state stays fp32 between steps). Built by setup.py only (it needs torch's CUDA headers).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>

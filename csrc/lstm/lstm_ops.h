@@ -33,13 +33,18 @@ inline const char* mode_name(Mode m) {
   return "?";
 }
 
-// All tensors of one call share the first one's dtype (fp32, fp64 or bf16) and device.
+// All tensors of one call share the first one's dtype (fp32, fp64 or bf16; on CUDA also fp16) and device.
+// bf16 and fp16 are converted to fp32 at the op boundary (math_type), so the kernels only see fp32 / fp64.
 class SameKind {
  public:
   SameKind(const char* op, const Tensor& first, const char* first_name)
       : op_(op), first_name_(first_name), dtype_(first.scalar_type()), device_(first.device()) {
-    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kDouble || dtype_ == at::kBFloat16, op, ": ", first_name,
-                " must be float32, float64 or bfloat16, got ", dtype_);
+    const bool half_ok = device_.is_cuda() && dtype_ == at::kHalf;
+    TORCH_CHECK(dtype_ == at::kFloat || dtype_ == at::kDouble || dtype_ == at::kBFloat16 || half_ok, op, ": ",
+                first_name,
+                device_.is_cuda() ? " must be float32, float64, bfloat16 or float16 on CUDA, got "
+                                  : " must be float32, float64 or bfloat16, got ",
+                dtype_);
     TORCH_CHECK(first.layout() == at::kStrided, op, ": ", first_name, " must be dense, got layout ", first.layout());
   }
   void operator()(const Tensor& t, const char* name) const {

@@ -15,7 +15,7 @@ namespace fastdl::rnn {
 using CellFwdFn = void (*)(const CellFwdParams&);
 using CellBwdFn = void (*)(const CellBwdParams&);
 
-// The math dtype: fp64 stays fp64, fp32 and bf16 compute in fp32.
+// The math dtype: fp64 stays fp64, fp32, bf16 and (CUDA) fp16 compute in fp32.
 inline at::ScalarType math_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 inline DType to_dtype(at::ScalarType t) { return t == at::kDouble ? DType::kFloat64 : DType::kFloat32; }
 

@@ -260,3 +260,20 @@ def test_cell_bad_input_errors() -> None:
     gru = fastdl.nn.GRUCell(5, 7)
     with pytest.raises(RuntimeError, match=r"hidden must have shape \(3, 7\)"):
         gru(torch.randn(3, 5), torch.randn(3, 6))
+
+
+@pytest.mark.cuda
+def test_lstm_cuda_fp16_within_twice_torch_fp16_error():
+    # CUDA takes fp16 like bf16: converted to fp32 at the op boundary, outputs rounded back to fp16.
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(24, 40, num_layers=2)
+    m = fastdl.nn.LSTM(24, 40, num_layers=2)
+    m.load_state_dict(ref.state_dict())
+    x = torch.randn(7, 3, 24)
+    want, _ = ref(x)
+    got, (h, c) = m.cuda().half()(x.cuda().half())
+    assert got.dtype == h.dtype == c.dtype == torch.float16
+    torch_half, _ = ref.cuda().half()(x.cuda().half())
+    err = (got.float().cpu() - want).abs().max().item()
+    torch_err = (torch_half.float().cpu() - want).abs().max().item()
+    assert err <= 2 * torch_err + 1e-3
