@@ -356,13 +356,14 @@ struct Conv {
   void forward() const {
     if (flat) return forward_flat<A>();
     at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
-      std::vector<T> colbuf(direct_1x1 ? 0 : K * mt), acc(cout_g * mt), rbuf(mt);
+      std::vector<T> colbuf(direct_1x1 && ohw >= 64 ? 0 : K * mt), acc(cout_g * mt), rbuf(mt);
       for (int64_t tile = begin; tile < end; ++tile) {
         const int64_t m0 = tile * mt, n_pix = std::min(mt, M - m0);
         for (int64_t g = 0; g < p.groups; ++g) {
-          if (direct_1x1) {
+          if (direct_1x1 && ohw >= 64) {
             // 1x1: x is col already, one GEMM per image the tile spans (no gather when a tile crosses images:
-            // at 28x28 .. 7x7 every tile does).
+            // at 28x28 and 14x14 every tile does). Below 64 pixels per image (7x7: 49) the per-image GEMMs
+            // are too narrow, and tile_gemm gathers the tile into one contiguous col (0.4 MB at 7x7x512).
             for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
               const T* xs = static_cast<const T*>(p.x) + n * p.x_stride[0] + g * cin_g * p.x_stride[1] + pix;
               rnn::cpu::gemm<T>(false, false, cout_g, cnt, K, w + g * cout_g * K, K, xs, p.x_stride[1], false,
