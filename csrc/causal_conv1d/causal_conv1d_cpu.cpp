@@ -21,81 +21,12 @@ namespace fastdl::causal_conv1d {
 namespace {
 
 using cpu::Vec;
-
-template <typename S, typename T>
-void load_row_as(const S* src, int64_t stride, int64_t n, T* dst) {
-  if (stride == 1) {
-    if constexpr (std::is_same_v<S, T>) {
-      std::memcpy(dst, src, n * sizeof(T));
-    } else {
-      at::vec::convert(src, dst, n);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i * stride]);
-  }
-}
-
-// dst[i] = base[offset + i * stride], i < n, converted to T.
-template <typename T>
-void load_row(const void* base, DType dt, int64_t offset, int64_t stride, int64_t n, T* dst) {
-  switch (dt) {
-    case DType::kFloat32: return load_row_as(static_cast<const float*>(base) + offset, stride, n, dst);
-    case DType::kFloat64: return load_row_as(static_cast<const double*>(base) + offset, stride, n, dst);
-    case DType::kBFloat16: return load_row_as(static_cast<const c10::BFloat16*>(base) + offset, stride, n, dst);
-    case DType::kFloat16: return load_row_as(static_cast<const c10::Half*>(base) + offset, stride, n, dst);
-  }
-}
-
-template <typename T, typename S>
-void store_row_as(const T* src, int64_t stride, int64_t n, S* dst) {
-  if (stride == 1) {
-    if constexpr (std::is_same_v<S, T>) {
-      std::memcpy(dst, src, n * sizeof(T));
-    } else {
-      at::vec::convert(src, dst, n);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i * stride] = static_cast<S>(src[i]);
-  }
-}
-
-// base[offset + i * stride] = src[i], i < n.
-template <typename T>
-void store_row(const T* src, int64_t n, void* base, DType dt, int64_t offset, int64_t stride = 1) {
-  switch (dt) {
-    case DType::kFloat32: return store_row_as(src, stride, n, static_cast<float*>(base) + offset);
-    case DType::kFloat64: return store_row_as(src, stride, n, static_cast<double*>(base) + offset);
-    case DType::kBFloat16: return store_row_as(src, stride, n, static_cast<c10::BFloat16*>(base) + offset);
-    case DType::kFloat16: return store_row_as(src, stride, n, static_cast<c10::Half*>(base) + offset);
-  }
-}
-
-// Sum of the lanes of v.
-template <typename T>
-inline T hsum(const Vec<T>& v) {
-  alignas(64) T buf[Vec<T>::size()];
-  v.store(buf);
-  T s = T(0);
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += buf[i];
-  return s;
-}
-
-template <typename T>
-inline Vec<T> vload(const T* p, int64_t cnt) {
-  return cnt == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, cnt);
-}
-template <typename T>
-inline void vstore(const Vec<T>& v, T* p, int64_t cnt) {
-  if (cnt == Vec<T>::size()) {
-    v.store(p);
-  } else {
-    v.store(p, cnt);
-  }
-}
-template <typename T>
-inline Vec<T> vsigmoid(const Vec<T>& x) {
-  return Vec<T>(T(1)) / (Vec<T>(T(1)) + x.neg().exp());
-}
+using cpu::hsum;
+using cpu::load_row;
+using cpu::store_row;
+using cpu::vload;
+using cpu::vsigmoid;
+using cpu::vstore;
 
 // Loads weight row d and bias into math-type scalars.
 template <typename T>

@@ -14,16 +14,6 @@ namespace fastdl::causal_conv1d {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-inline DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
-
 // x: (batch, dim, L); weight (dim, width) in x's dtype or fp32; bias (dim,) in weight's dtype.
 inline void check_conv_args(const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias) {
   const auto t = x.scalar_type();
@@ -51,10 +41,11 @@ inline void check_conv_args(const char* op, const Tensor& x, const Tensor& weigh
   }
 }
 
-inline void set_conv_params(ConvParams& p, const Tensor& x, const Tensor& weight, const OptTensor& bias, bool silu) {
+inline void set_conv_params(ConvParams& p, const char* op, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                            bool silu) {
   p.batch = x.size(0), p.dim = x.size(1), p.seqlen = x.size(2), p.width = weight.size(1);
   p.silu = silu;
-  p.input_dtype = to_dtype(x.scalar_type()), p.weight_dtype = to_dtype(weight.scalar_type());
+  p.input_dtype = to_dtype(x.scalar_type(), op, "x"), p.weight_dtype = to_dtype(weight.scalar_type(), op, "weight");
   p.x = x.data_ptr(), p.x_batch_stride = x.stride(0), p.x_d_stride = x.stride(1), p.x_l_stride = x.stride(2);
   p.weight = weight.data_ptr(), p.weight_d_stride = weight.stride(0), p.weight_w_stride = weight.stride(1);
   if (bias) p.bias = bias->data_ptr(), p.bias_stride = bias->stride(0);
@@ -68,9 +59,10 @@ using ConvUpdateFn = void (*)(const ConvUpdateParams&);
 
 template <ConvFwdFn Launch>
 Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const OptTensor& bias, bool silu) {
-  check_conv_args("causal_conv1d_fwd", x, weight, bias);
+  const char* op = "causal_conv1d_fwd";
+  check_conv_args(op, x, weight, bias);
   ConvParams p;
-  set_conv_params(p, x, weight, bias, silu);
+  set_conv_params(p, op, x, weight, bias, silu);
   Tensor out = at::empty({p.batch, p.dim, p.seqlen}, x.options());
   p.out = out.data_ptr();
   Launch(p);
@@ -88,7 +80,7 @@ std::tuple<Tensor, Tensor, Tensor> causal_conv1d_bwd(const Tensor& x, const Tens
   TORCH_CHECK(dout.scalar_type() == x.scalar_type(), op, ": dout must have the dtype of x (", x.scalar_type(),
               "), got ", dout.scalar_type());
   ConvBwdParams p;
-  set_conv_params(p, x, weight, bias, silu);
+  set_conv_params(p, op, x, weight, bias, silu);
   p.dout = dout.data_ptr();
   p.dout_batch_stride = dout.stride(0), p.dout_d_stride = dout.stride(1), p.dout_l_stride = dout.stride(2);
   Tensor dx = at::empty({p.batch, p.dim, p.seqlen}, x.options());
@@ -116,7 +108,7 @@ Tensor causal_conv1d_update(const Tensor& x, const Tensor& conv_state, const Ten
   ConvUpdateParams p;
   p.batch = batch, p.dim = dim, p.seqlen = x.size(2), p.width = width, p.state_len = conv_state.size(2);
   p.silu = silu;
-  p.input_dtype = to_dtype(x.scalar_type()), p.weight_dtype = to_dtype(weight.scalar_type());
+  p.input_dtype = to_dtype(x.scalar_type(), op, "x"), p.weight_dtype = to_dtype(weight.scalar_type(), op, "weight");
   p.x = x.data_ptr(), p.x_batch_stride = x.stride(0), p.x_d_stride = x.stride(1), p.x_l_stride = x.stride(2);
   p.conv_state = conv_state.data_ptr();
   p.state_batch_stride = conv_state.stride(0), p.state_d_stride = conv_state.stride(1);

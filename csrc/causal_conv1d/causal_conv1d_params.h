@@ -7,10 +7,10 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace fastdl::causal_conv1d {
 
-// Storage dtype of a tensor. Math is fp32 (fp64 for fp64 inputs).
-enum class DType : int { kFloat32 = 0, kFloat64, kBFloat16, kFloat16 };
 
 // causal-conv1d's kernels take widths 2..4; the CPU kernel takes any width in this range.
 constexpr int64_t kMinWidth = 2;

@@ -5,7 +5,23 @@
 #include <sstream>
 #include <vector>
 
+#include "common/dtype.h"
+
 namespace fastdl {
+
+// The params dtype of a float tensor; anything else is an error naming the op and the argument.
+inline DType to_dtype(at::ScalarType t, const char* op, const char* name) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default: TORCH_CHECK(false, op, ": ", name, " must be float32, float64, bfloat16 or float16, got ", t);
+  }
+}
+
+// The dtype the kernels compute and accumulate in: fp64 for fp64 inputs (gradcheck), fp32 otherwise.
+inline at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline std::string shape_str(c10::IntArrayRef sizes) {
   std::ostringstream os;

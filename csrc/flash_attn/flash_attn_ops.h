@@ -20,19 +20,6 @@ using BwdLaunchFn = void (*)(const BwdParams&);
 // FlashAttention-2's limit; the CPU kernel's per-thread tiles are sized for it.
 constexpr int64_t kMaxHeadDim = 256;
 
-inline DType to_dtype(at::ScalarType t, const char* op) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": q must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
-
-// softmax_lse (and its gradient) are kept in the math type: fp32, or fp64 for fp64 inputs (gradcheck).
-inline at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // The kernels read each row through a leading dimension of at least headdim (BLAS's lda); rows that
 // overlap (a stride-0 broadcast over seqlen) are made real by a copy.
 inline Tensor dense_rows(const Tensor& x, int64_t row_dim) {
@@ -51,7 +38,7 @@ inline void check_qkv(const char* op, const Tensor& q, const Tensor& k, const Te
   TORCH_CHECK(q.dim() == dims, op, ": q must be ", layout, ", got shape ", shape_str(q.sizes()));
   TORCH_CHECK(k.dim() == dims, op, ": k must be ", layout, ", got shape ", shape_str(k.sizes()));
   TORCH_CHECK(v.dim() == dims, op, ": v must be ", layout, ", got shape ", shape_str(v.sizes()));
-  to_dtype(q.scalar_type(), op);
+  to_dtype(q.scalar_type(), op, "q");
   TORCH_CHECK(k.scalar_type() == q.scalar_type(), op, ": k must have the dtype of q (", q.scalar_type(), "), got ",
               k.scalar_type());
   TORCH_CHECK(v.scalar_type() == q.scalar_type(), op, ": v must have the dtype of q (", q.scalar_type(), "), got ",
@@ -174,7 +161,7 @@ inline void set_fwd_params(FwdParams& p, const Tensor& q, const Tensor& k, const
     p.alibi_slopes = alibi->data_ptr<float>();
     p.alibi_batch_stride = alibi->dim() == 2 ? alibi->stride(0) : 0;
   }
-  p.dtype = to_dtype(q.scalar_type(), "flash_attn");
+  p.dtype = to_dtype(q.scalar_type(), "flash_attn", "q");
 }
 
 inline void set_bwd_params(BwdParams& p, const Tensor& dout, const std::optional<Tensor>& dlse, const Tensor& dq,
@@ -210,13 +197,13 @@ inline void check_bwd_inputs(const char* op, const Tensor& dout, const Tensor& q
   CHECK_LAST_DIM_CONTIGUOUS(out);
   CHECK_LAST_DIM_CONTIGUOUS(dout);
   CHECK_SHAPE(softmax_lse, lse_shape);
-  CHECK_DTYPE(softmax_lse, lse_dtype(q.scalar_type()));
+  CHECK_DTYPE(softmax_lse, math_dtype(q.scalar_type()));
   CHECK_DEVICE(softmax_lse, device);
   TORCH_CHECK(softmax_lse.stride(-1) == 1 || softmax_lse.size(-1) <= 1, op, ": softmax_lse must have contiguous rows");
   if (dlse) {
     const Tensor& dsoftmax_lse = *dlse;
     CHECK_SHAPE(dsoftmax_lse, lse_shape);
-    CHECK_DTYPE(dsoftmax_lse, lse_dtype(q.scalar_type()));
+    CHECK_DTYPE(dsoftmax_lse, math_dtype(q.scalar_type()));
     CHECK_DEVICE(dsoftmax_lse, device);
     TORCH_CHECK(dsoftmax_lse.strides() == softmax_lse.strides(), op, ": dsoftmax_lse must have the strides of softmax_lse");
   }
@@ -236,7 +223,7 @@ std::tuple<Tensor, Tensor> flash_attn_fwd(const Tensor& q_, const Tensor& k_, co
   const int64_t batch = q.size(0), seqlen_q = q.size(1), nheads = q.size(2), seqlen_k = k.size(1);
   check_alibi(op, alibi_slopes, q, batch, nheads);
   Tensor out = at::empty(q.sizes(), q.options());                                        // (b, s_q, h, d)
-  Tensor lse = at::empty({batch, nheads, seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())));  // (b, h, s_q)
+  Tensor lse = at::empty({batch, nheads, seqlen_q}, q.options().dtype(math_dtype(q.scalar_type())));  // (b, h, s_q)
   FwdParams p;
   set_fwd_params(p, q, k, v, out, lse, batch, seqlen_q, seqlen_k, o, alibi_slopes);
   Launch(p);
@@ -258,7 +245,7 @@ std::tuple<Tensor, Tensor> flash_attn_varlen_fwd(const Tensor& q_, const Tensor&
   const int64_t total_q = q.size(0), nheads = q.size(1);
   check_alibi(op, alibi_slopes, q, batch, nheads);
   Tensor out = at::empty(q.sizes(), q.options());                                        // (total_q, h, d)
-  Tensor lse = at::empty({nheads, total_q}, q.options().dtype(lse_dtype(q.scalar_type())));  // (h, total_q)
+  Tensor lse = at::empty({nheads, total_q}, q.options().dtype(math_dtype(q.scalar_type())));  // (h, total_q)
   FwdParams p;
   set_fwd_params(p, q, k, v, out, lse, batch, max_seqlen_q, max_seqlen_k, o, alibi_slopes);
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();

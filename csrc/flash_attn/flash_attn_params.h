@@ -12,11 +12,10 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace fastdl::flash_attn {
 
-// Storage dtype of q, k, v, out and their gradients. Math is fp32 (fp64 for fp64 storage);
-// softmax_lse and dsoftmax_lse are stored in the math type.
-enum class DType : int { kFloat32 = 0, kFloat64, kBFloat16, kFloat16 };
 
 struct FwdParams {
   const void* q = nullptr;

@@ -16,19 +16,6 @@ namespace fastdl::layers {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-inline DType to_dtype(const char* op, const char* name, at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": ", name, " must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
-
-// The dtype the kernels compute in: fp64 for fp64, fp32 otherwise.
-inline at::ScalarType math_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 inline void check_same(const char* op, const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; all tensors must be on one device");
@@ -57,7 +44,7 @@ using RMSNormBwdFn = void (*)(const RMSNormBwdParams&);
 // elements per row.
 inline int64_t check_rms_norm_args(const char* op, const Tensor& x, c10::IntArrayRef normalized_shape,
                                    const OptTensor& weight) {
-  to_dtype(op, "x", x.scalar_type());
+  to_dtype(x.scalar_type(), op, "x");
   const int64_t nd = static_cast<int64_t>(normalized_shape.size());
   TORCH_CHECK(nd >= 1, op, ": normalized_shape must have at least one dimension, got ", shape_str(normalized_shape));
   TORCH_CHECK(x.dim() >= nd && x.sizes().slice(x.dim() - nd) == normalized_shape, op,
@@ -87,12 +74,12 @@ std::tuple<Tensor, Tensor> rms_norm_fwd(const Tensor& x, c10::IntArrayRef normal
   const int64_t cols = check_rms_norm_args(op, x, normalized_shape, weight);
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   Tensor out = at::empty(x.sizes(), x.options());
-  Tensor rstd = at::empty(leading_sizes(x, normalized_shape.size()), x.options().dtype(math_type(x.scalar_type())));
+  Tensor rstd = at::empty(leading_sizes(x, normalized_shape.size()), x.options().dtype(math_dtype(x.scalar_type())));
   if (x.numel() == 0) return {out, rstd.fill_(1.0 / std::sqrt(eps))};
   const Tensor x2 = as_rows(x, cols);
   const Tensor w = weight ? weight->contiguous() : Tensor();
   RMSNormParams p;
-  p.rows = x2.size(0), p.cols = cols, p.eps = eps, p.dtype = to_dtype(op, "x", x.scalar_type());
+  p.rows = x2.size(0), p.cols = cols, p.eps = eps, p.dtype = to_dtype(x.scalar_type(), op, "x");
   p.x = x2.data_ptr(), p.x_row_stride = row_stride(x2);
   p.weight = weight ? w.data_ptr() : nullptr;
   p.out = out.data_ptr(), p.rstd = rstd.data_ptr();
@@ -107,9 +94,9 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dout, const Tensor& x, c10
   const int64_t cols = check_rms_norm_args(op, x, normalized_shape, weight);
   check_same(op, "dout", dout, "x", x);
   const auto leading = leading_sizes(x, normalized_shape.size());
-  TORCH_CHECK(rstd.device() == x.device() && rstd.scalar_type() == math_type(x.scalar_type()) &&
+  TORCH_CHECK(rstd.device() == x.device() && rstd.scalar_type() == math_dtype(x.scalar_type()) &&
                   rstd.sizes() == c10::IntArrayRef(leading),
-              op, ": rstd must be ", math_type(x.scalar_type()), " of shape ", shape_str(leading), " on ", x.device(),
+              op, ": rstd must be ", math_dtype(x.scalar_type()), " of shape ", shape_str(leading), " on ", x.device(),
               " (rms_norm_fwd's), got ", rstd.scalar_type(), " of shape ", shape_str(rstd.sizes()), " on ",
               rstd.device());
   Tensor dx = at::empty(x.sizes(), x.options());
@@ -118,7 +105,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dout, const Tensor& x, c10
   const Tensor x2 = as_rows(x, cols), dout2 = as_rows(dout, cols), rstd1 = rstd.reshape({-1}).contiguous();
   const Tensor w = weight ? weight->contiguous() : Tensor();
   RMSNormBwdParams p;
-  p.rows = x2.size(0), p.cols = cols, p.dtype = to_dtype(op, "x", x.scalar_type());
+  p.rows = x2.size(0), p.cols = cols, p.dtype = to_dtype(x.scalar_type(), op, "x");
   p.x = x2.data_ptr(), p.x_row_stride = row_stride(x2);
   p.dout = dout2.data_ptr(), p.dout_row_stride = row_stride(dout2);
   p.rstd = rstd1.data_ptr();
@@ -126,7 +113,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dout, const Tensor& x, c10
   Tensor partial;
   if (weight) {
     p.weight = w.data_ptr(), p.dweight = dweight.data_ptr();
-    partial = at::empty({rms_norm_row_blocks(p.rows), cols}, x.options().dtype(math_type(x.scalar_type())));
+    partial = at::empty({rms_norm_row_blocks(p.rows), cols}, x.options().dtype(math_dtype(x.scalar_type())));
     p.dweight_partial = partial.data_ptr();
   }
   Launch(p);
@@ -140,13 +127,13 @@ using RotaryFn = void (*)(const RotaryParams&);
 template <RotaryFn Launch>
 Tensor rotary_emb(const Tensor& x, const Tensor& cos, const Tensor& sin, bool conjugate) {
   const char* op = "rotary_emb";
-  const auto dt = to_dtype(op, "x", x.scalar_type());
+  const auto dt = to_dtype(x.scalar_type(), op, "x");
   TORCH_CHECK(x.dim() == 4, op, ": x must have shape (batch, seqlen, nheads, headdim), got ", shape_str(x.sizes()));
   const int64_t batch = x.size(0), seqlen = x.size(1), nheads = x.size(2), headdim = x.size(3);
   TORCH_CHECK(headdim % 2 == 0, op, ": headdim (x.shape[-1]) must be even, got ", headdim);
   TORCH_CHECK(x.stride(3) == 1 || headdim <= 1, op, ": x must have a contiguous last dimension, got stride ",
               x.stride(3));
-  const auto mt = math_type(x.scalar_type());
+  const auto mt = math_dtype(x.scalar_type());
   for (const auto& [name, t] : {std::pair<const char*, const Tensor&>{"cos", cos}, {"sin", sin}}) {
     TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
                 "; all tensors must be on one device");
@@ -178,14 +165,14 @@ using SwiGLUFwdFn = void (*)(const SwiGLUParams&);
 using SwiGLUBwdFn = void (*)(const SwiGLUBwdParams&);
 
 inline int64_t check_swiglu_args(const char* op, const Tensor& gate, const Tensor& up) {
-  to_dtype(op, "gate", gate.scalar_type());
+  to_dtype(gate.scalar_type(), op, "gate");
   check_same(op, "up", up, "gate", gate);
   TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least one dimension, got a scalar");
   return gate.size(-1);
 }
 
 inline void set_swiglu_params(SwiGLUParams& p, const Tensor& gate2, const Tensor& up2) {
-  p.rows = gate2.size(0), p.cols = gate2.size(1), p.dtype = to_dtype("swiglu", "gate", gate2.scalar_type());
+  p.rows = gate2.size(0), p.cols = gate2.size(1), p.dtype = to_dtype(gate2.scalar_type(), "swiglu", "gate");
   p.gate = gate2.data_ptr(), p.up = up2.data_ptr();
   p.gate_row_stride = row_stride(gate2), p.up_row_stride = row_stride(up2);
 }

@@ -11,9 +11,10 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace fastdl::layers {
 
-enum class DType : int { kFloat32 = 0, kFloat64, kBFloat16, kFloat16 };
 
 // The backward of rms_norm reduces dweight over rows in this many fixed row blocks (fewer for small
 // inputs), each summed by one thread, then the blocks in order: the result does not depend on the

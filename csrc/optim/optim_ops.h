@@ -15,16 +15,6 @@ using at::Tensor;
 using at::TensorList;
 using LaunchFn = void (*)(const MultiTensorParams&);
 
-inline DType to_dtype(at::ScalarType t, const char* what) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, what, " must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
-
 // Owns the pointer arrays that a MultiTensorParams points into.
 struct MultiTensorArgs {
   MultiTensorParams params;
@@ -56,11 +46,11 @@ inline void collect(MultiTensorArgs& args, const char* op, Rule rule, const Hype
 
   const Tensor& p0 = params[0];
   const auto device = p0.device();
-  mt.param_dtype = to_dtype(p0.scalar_type(), "params[0]");
+  mt.param_dtype = to_dtype(p0.scalar_type(), op, "params[0]");
   TORCH_CHECK(!use_master || p0.scalar_type() == at::kBFloat16 || p0.scalar_type() == at::kHalf, op,
               ": fp32 master weights are for bfloat16 or float16 parameters, got ", p0.scalar_type());
   const at::ScalarType state_type = use_master ? at::kFloat : p0.scalar_type();
-  mt.state_dtype = to_dtype(state_type, "state");
+  mt.state_dtype = to_dtype(state_type, op, "state");
 
   for (size_t k = 0; k < states.size(); ++k) {
     const auto& [name, list] = states[k];

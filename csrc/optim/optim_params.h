@@ -3,12 +3,12 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace fastdl::optim {
 
 enum class Rule : int { kSGD = 0, kAdagrad, kRMSprop, kAdam, kAdamax, kNAdam, kLAMB };
 
-// Storage dtype of parameters / gradients / state buffers. Math is fp32 (fp64 for fp64 storage).
-enum class DType : int { kFloat32 = 0, kFloat64, kBFloat16, kFloat16 };
 
 inline const char* rule_name(Rule r) {
   switch (r) {

@@ -38,7 +38,10 @@
 namespace fastdl::paged_attn {
 namespace {
 
+using cpu::ceil_div;
 using cpu::Vec;
+using cpu::vload;
+using cpu::vstore;
 
 // 16 rows: a whole GQA group of up to 16 heads in one task (Llama-3 70B has 8, MQA models 16-32 split
 // into tiles), and 16 x 256 scores (16 KB in fp32) plus 16 output rows stay in L1/L2.
@@ -57,17 +60,6 @@ constexpr int64_t kPrefetchRows = 8;
 // done together (sum4), and one load/store of an output row serves 4 multiply-adds.
 constexpr int64_t kRun = 4;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-template <typename T>
-inline Vec<T> load_n(const T* p, int64_t n) {
-  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
-}
-
-template <typename T>
-inline void store_n(const Vec<T>& v, T* p, int64_t n) {
-  n == Vec<T>::size() ? v.store(p) : v.store(p, n);
-}
 
 // exp for the softmax: fp32 uses at::vec's 20-ulp polynomial (as torch's CPU flash attention), fp64 Sleef.
 template <typename T>
@@ -161,7 +153,7 @@ inline T dot(const T* a, const T* b, int64_t d) {
   }
   for (; c < d; c += W) {
     const int64_t n = std::min(W, d - c);
-    acc0 = at::vec::fmadd(load_n(a + c, n), load_n(b + c, n), acc0);
+    acc0 = at::vec::fmadd(vload(a + c, n), vload(b + c, n), acc0);
   }
   return at::vec::vec_reduce_all<T>([](V x, V y) { return x + y; }, acc0 + acc1);
 }
@@ -174,7 +166,7 @@ inline void axpy(T w, const T* x, T* o, int64_t d) {
   const V vw(w);
   for (int64_t c = 0; c < d; c += W) {
     const int64_t n = std::min(W, d - c);
-    store_n(at::vec::fmadd(vw, load_n(x + c, n), load_n(o + c, n)), o + c, n);
+    vstore(at::vec::fmadd(vw, vload(x + c, n), vload(o + c, n)), o + c, n);
   }
 }
 
@@ -186,8 +178,8 @@ inline void dot4(const T* a, const T* const* b, int64_t d, T* out) {
   V acc[4] = {V(T(0)), V(T(0)), V(T(0)), V(T(0))};
   for (int64_t c = 0; c < d; c += W) {
     const int64_t n = std::min(W, d - c);
-    const V x = load_n(a + c, n);
-    for (int u = 0; u < 4; ++u) acc[u] = at::vec::fmadd(x, load_n(b[u] + c, n), acc[u]);
+    const V x = vload(a + c, n);
+    for (int u = 0; u < 4; ++u) acc[u] = at::vec::fmadd(x, vload(b[u] + c, n), acc[u]);
   }
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
@@ -215,10 +207,10 @@ inline void axpy4(const T* w, const T* const* x, T* o, int64_t d) {
   const V w0(w[0]), w1(w[1]), w2(w[2]), w3(w[3]);
   for (int64_t c = 0; c < d; c += W) {
     const int64_t n = std::min(W, d - c);
-    V acc = at::vec::fmadd(w0, load_n(x[0] + c, n), load_n(o + c, n));
-    acc = at::vec::fmadd(w1, load_n(x[1] + c, n), acc);
-    acc = at::vec::fmadd(w2, load_n(x[2] + c, n), acc);
-    store_n(at::vec::fmadd(w3, load_n(x[3] + c, n), acc), o + c, n);
+    V acc = at::vec::fmadd(w0, vload(x[0] + c, n), vload(o + c, n));
+    acc = at::vec::fmadd(w1, vload(x[1] + c, n), acc);
+    acc = at::vec::fmadd(w2, vload(x[2] + c, n), acc);
+    vstore(at::vec::fmadd(w3, vload(x[3] + c, n), acc), o + c, n);
   }
 }
 
@@ -228,7 +220,7 @@ inline void scale_row(T* o, T f, int64_t d) {
   constexpr int64_t W = V::size();
   for (int64_t c = 0; c < d; c += W) {
     const int64_t n = std::min(W, d - c);
-    store_n(load_n(o + c, n) * V(f), o + c, n);
+    vstore(vload(o + c, n) * V(f), o + c, n);
   }
 }
 
@@ -267,10 +259,10 @@ inline void softmax_update(acc_t* s, int64_t n, int64_t c0, int64_t c1, acc_t so
   V vmax = neg_inf;
   for (int64_t j = c0; j < c1; j += W) {
     const int64_t k = std::min(W, c1 - j);
-    V x = load_n(s + j, k);
+    V x = vload(s + j, k);
     if constexpr (kSoftcap) x = V(softcap) * x.tanh();
     if constexpr (kAlibi) x = x + V(neg_slope) * (V(dist0) - V::arange(acc_t(j), acc_t(1))).abs();
-    if constexpr (kSoftcap || kAlibi) store_n(x, s + j, k);
+    if constexpr (kSoftcap || kAlibi) vstore(x, s + j, k);
     vmax = at::vec::clamp_min(vmax, k == W ? x : V::set(neg_inf, x, k));  // clamp_min: a bare vmaxps
   }
   const acc_t m_new = std::max(m, at::vec::vec_reduce_all<acc_t>([](V a, V b) { return at::vec::clamp_min(a, b); },
@@ -278,8 +270,8 @@ inline void softmax_update(acc_t* s, int64_t n, int64_t c0, int64_t c1, acc_t so
   V vsum(acc_t(0));
   for (int64_t j = c0; j < c1; j += W) {
     const int64_t k = std::min(W, c1 - j);
-    const V e = vexp(load_n(s + j, k) - V(m_new));
-    store_n(e, s + j, k);
+    const V e = vexp(vload(s + j, k) - V(m_new));
+    vstore(e, s + j, k);
     vsum += k == W ? e : V::set(V(acc_t(0)), e, k);
   }
   std::fill(s, s + c0, acc_t(0));

@@ -24,18 +24,6 @@ constexpr int64_t kMaxHeadDim = 256;
 // pages are 8, 16 or 32 tokens.
 constexpr int64_t kBlockSizeMultiple = 8;
 
-inline DType to_dtype(at::ScalarType t, const char* op, const char* name) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, op, ": ", name, " must be float32, float64, bfloat16 or float16, got ", t);
-  }
-}
-
-inline at::ScalarType lse_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 inline void check_like(const char* op, const Tensor& x, const char* name, const Tensor& ref, const char* ref_name) {
   TORCH_CHECK(x.scalar_type() == ref.scalar_type(), op, ": ", name, " must have the dtype of ", ref_name, " (",
               ref.scalar_type(), "), got ", x.scalar_type());
@@ -267,7 +255,7 @@ std::tuple<Tensor, Tensor> flash_attn_with_kvcache(const Tensor& q, const Tensor
   }
 
   Tensor out = at::empty(q.sizes(), q.options());
-  Tensor lse = at::empty({batch, nheads, seqlen_q}, q.options().dtype(lse_dtype(q.scalar_type())));
+  Tensor lse = at::empty({batch, nheads, seqlen_q}, q.options().dtype(math_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, lse};
   Params p;
   set_params(p, q, k_cache, v_cache, out, lse, cs, table, seqlen_new,

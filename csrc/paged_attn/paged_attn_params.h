@@ -17,10 +17,10 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace fastdl::paged_attn {
 
-// Storage dtype of q, the cache and out. Math (scores, softmax, accumulators) is fp32, fp64 for fp64.
-enum class DType : int { kFloat32 = 0, kFloat64, kBFloat16, kFloat16 };
 
 struct Params {
   const void* q = nullptr;

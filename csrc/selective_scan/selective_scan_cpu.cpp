@@ -44,108 +44,14 @@ constexpr int64_t kChunk = kCheckpointChunk;
 constexpr int64_t kBlock = 32;
 constexpr int64_t kMaxBlocksPerGroup = 16;
 
-// ---- rows in any storage dtype <-> math-type arrays ----
-
-template <typename S, typename T>
-void load_row_as(const S* src, int64_t stride, int64_t n, T* dst) {
-  if (stride == 1) {
-    if constexpr (std::is_same_v<S, T>) {
-      std::memcpy(dst, src, n * sizeof(T));
-    } else {
-      at::vec::convert(src, dst, n);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i * stride]);
-  }
-}
-
-// dst[i] = base[offset + i * stride], i < n, converted to T.
-template <typename T>
-void load_row(const void* base, DType dt, int64_t offset, int64_t stride, int64_t n, T* dst) {
-  switch (dt) {
-    case DType::kFloat32: return load_row_as(static_cast<const float*>(base) + offset, stride, n, dst);
-    case DType::kFloat64: return load_row_as(static_cast<const double*>(base) + offset, stride, n, dst);
-    case DType::kBFloat16: return load_row_as(static_cast<const c10::BFloat16*>(base) + offset, stride, n, dst);
-    case DType::kFloat16: return load_row_as(static_cast<const c10::Half*>(base) + offset, stride, n, dst);
-  }
-}
-
-template <typename T, typename S>
-void store_row_as(const T* src, int64_t n, S* dst) {
-  if constexpr (std::is_same_v<S, T>) {
-    std::memcpy(dst, src, n * sizeof(T));
-  } else {
-    at::vec::convert(src, dst, n);
-  }
-}
-
-// base[offset + i] = src[i], i < n (outputs are contiguous).
-template <typename T>
-void store_row(const T* src, int64_t n, void* base, DType dt, int64_t offset) {
-  switch (dt) {
-    case DType::kFloat32: return store_row_as(src, n, static_cast<float*>(base) + offset);
-    case DType::kFloat64: return store_row_as(src, n, static_cast<double*>(base) + offset);
-    case DType::kBFloat16: return store_row_as(src, n, static_cast<c10::BFloat16*>(base) + offset);
-    case DType::kFloat16: return store_row_as(src, n, static_cast<c10::Half*>(base) + offset);
-  }
-}
-
-inline int64_t dtype_size(DType dt) {
-  return dt == DType::kFloat64 ? 8 : dt == DType::kFloat32 ? 4 : 2;
-}
-
-// Starts loading the n elements of a unit-stride row into cache (strided rows are left to the hardware).
-// A channel's chunk is four cache lines, 2 KB (L = 512) after the previous channel's: too short a run
-// for the hardware prefetcher, so without this every row waits for DRAM.
-template <bool kWrite = false>
-inline void prefetch_row(const void* base, DType dt, int64_t offset, int64_t stride, int64_t n) {
-  if (base == nullptr || stride != 1 || n <= 0) return;
-  const int64_t es = dtype_size(dt);
-  const char* ptr = static_cast<const char*>(base) + offset * es;
-  for (int64_t i = 0; i < n * es; i += 64) __builtin_prefetch(ptr + i, kWrite ? 1 : 0, 3);
-}
-
-// Flushes denormals to zero on this thread while a kernel runs, and restores the mode after. A state
-// that decays for long (zero-padded input) walks through the denormal range, where every multiply
-// takes a microcode assist of ~100 cycles; values that small do not change any result.
-struct DenormalsAreZero {
-#if defined(__SSE__)
-  unsigned int saved = _mm_getcsr();
-  DenormalsAreZero() { _mm_setcsr(saved | 0x8040); }  // FTZ (bit 15) | DAZ (bit 6)
-  ~DenormalsAreZero() { _mm_setcsr(saved); }
-#endif
-};
-
-// ---- vector helpers ----
-
-// Sum of the lanes of v.
-template <typename T>
-inline T hsum(const Vec<T>& v) {
-  alignas(64) T buf[Vec<T>::size()];
-  v.store(buf);
-  T s = T(0);
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += buf[i];
-  return s;
-}
-
-template <typename T>
-inline Vec<T> vload(const T* p, int64_t cnt) {
-  return cnt == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, cnt);
-}
-template <typename T>
-inline void vstore(const Vec<T>& v, T* p, int64_t cnt) {
-  if (cnt == Vec<T>::size()) {
-    v.store(p);
-  } else {
-    v.store(p, cnt);
-  }
-}
-// f(i, cnt) over [0, n) in steps of one vector.
-template <typename T, typename F>
-inline void vec_loop(int64_t n, F&& f) {
-  constexpr int64_t W = Vec<T>::size();
-  for (int64_t i = 0; i < n; i += W) f(i, std::min<int64_t>(W, n - i));
-}
+using cpu::DenormalsAreZero;
+using cpu::hsum;
+using cpu::load_row;
+using cpu::prefetch_row;
+using cpu::store_row;
+using cpu::vec_loop;
+using cpu::vload;
+using cpu::vstore;
 
 // 2^x. The scan folds log2(e) into A once per channel (as mamba-ssm's kernels do for exp2f), so the
 // inner loop pays one multiply and this. fp32 with AVX512: split x = n + f with f in [-0.5, 0.5],

@@ -14,22 +14,6 @@ namespace fastdl::selective_scan {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-inline DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "unsupported dtype ", t);
-  }
-}
-
-// Parameters (A, D, delta_bias, per-channel B / C, states) are fp32, as in mamba-ssm; fp64 with fp64
-// inputs so that gradcheck can run in double precision.
-inline at::ScalarType weight_type_for(at::ScalarType input_type) {
-  return input_type == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 inline void check_input_dtype(const char* op, const Tensor& u) {
   const auto t = u.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
@@ -65,7 +49,9 @@ inline void set_scan_params(ScanParams& p, const char* op, const Tensor& u, cons
   TORCH_CHECK(dstate >= 1 && dstate <= kMaxDstate, op, ": dstate (A.shape[1]) must be in [1, ", kMaxDstate,
               "], got ", dstate);
   const auto itype = u.scalar_type();
-  const auto wtype = weight_type_for(itype);
+  // Parameters (A, D, delta_bias, per-channel B / C, states) are fp32 as in mamba-ssm; fp64 with fp64
+  // inputs so that gradcheck can run in double precision.
+  const auto wtype = math_dtype(itype);
   const char* wwhy = itype == at::kDouble ? "float64 with float64 u" : "parameters are float32";
 
   for (auto [t, name] : {std::pair{&delta, "delta"}, {&A, "A"}, {&B, "B"}, {&C, "C"}}) check_same_device(op, u, *t, name);
@@ -135,8 +121,8 @@ inline void set_scan_params(ScanParams& p, const char* op, const Tensor& u, cons
   p.n_chunks = (seqlen + kCheckpointChunk - 1) / kCheckpointChunk;
   p.is_variable_B = variable[0], p.is_variable_C = variable[1];
   p.delta_softplus = delta_softplus;
-  p.input_dtype = to_dtype(itype);
-  p.weight_dtype = to_dtype(wtype);
+  p.input_dtype = to_dtype(itype, op, "u");
+  p.weight_dtype = to_dtype(wtype, op, "A");
 
   p.u = u.data_ptr();
   p.u_batch_stride = u.stride(0), p.u_d_stride = u.stride(1), p.u_l_stride = u.stride(2);
@@ -186,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> selective_scan_fwd(const Tensor& u, const Ten
                                                       const OptTensor& initial_state, bool delta_softplus) {
   ScanParams p;
   set_scan_params(p, "selective_scan_fwd", u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus);
-  auto wopts = u.options().dtype(weight_type_for(u.scalar_type()));
+  auto wopts = u.options().dtype(math_dtype(u.scalar_type()));
   Tensor out = at::empty({p.batch, p.dim, p.seqlen}, u.options());
   Tensor last_state = at::empty({p.batch, p.dim, p.dstate}, wopts);
   Tensor checkpoints = at::empty({p.batch, p.dim, p.n_chunks, p.dstate}, wopts);
@@ -203,7 +189,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tenso
   const char* op = "selective_scan_bwd";
   ScanBwdParams p;
   set_scan_params(p, op, u, delta, A, B, C, D, z, delta_bias, initial_state, delta_softplus);
-  const auto wtype = weight_type_for(u.scalar_type());
+  const auto wtype = math_dtype(u.scalar_type());
   check_same_device(op, u, dout, "dout");
   check_same_device(op, u, checkpoints, "checkpoints");
   check_shape(op, dout, "dout", {p.batch, p.dim, p.seqlen}, "(batch, dim, seqlen)");
@@ -254,7 +240,7 @@ Tensor selective_state_update(const Tensor& state, const Tensor& x, const Tensor
   TORCH_CHECK(state.dim() == 3, op, ": state must have shape (batch, dim, dstate), got ", shape_str(state.sizes()));
   const int64_t batch = state.size(0), dim = state.size(1), dstate = state.size(2);
   TORCH_CHECK(dstate >= 1 && dstate <= kMaxDstate, op, ": dstate must be in [1, ", kMaxDstate, "], got ", dstate);
-  const auto wtype = weight_type_for(t);
+  const auto wtype = math_dtype(t);
   const char* wwhy = t == at::kDouble ? "float64 with float64 x" : "parameters are float32";
   TORCH_CHECK(state.scalar_type() == wtype || state.scalar_type() == t, op, ": state must have dtype ", wtype,
               " or that of x (", t, "), got ", state.scalar_type());
@@ -305,7 +291,8 @@ Tensor selective_state_update(const Tensor& state, const Tensor& x, const Tensor
 
   StateUpdateParams p;
   p.batch = batch, p.dim = dim, p.dstate = dstate, p.n_groups = n_groups, p.dt_softplus = dt_softplus;
-  p.input_dtype = to_dtype(t), p.state_dtype = to_dtype(state.scalar_type()), p.weight_dtype = to_dtype(wtype);
+  p.input_dtype = to_dtype(t, op, "x"), p.state_dtype = to_dtype(state.scalar_type(), op, "state");
+  p.weight_dtype = to_dtype(wtype, op, "A");
   p.state = state.data_ptr();
   p.state_batch_stride = state.stride(0), p.state_d_stride = state.stride(1), p.state_n_stride = state.stride(2);
   p.x = x.data_ptr(), p.x_batch_stride = x.stride(0), p.x_d_stride = x.stride(1);

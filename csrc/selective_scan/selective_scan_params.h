@@ -12,10 +12,10 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dtype.h"
+
 namespace fastdl::selective_scan {
 
-// Storage dtype of a tensor. Math is fp32 (fp64 for fp64 inputs).
-enum class DType : int { kFloat32 = 0, kFloat64, kBFloat16, kFloat16 };
 
 // The forward saves the state h every kCheckpointChunk steps (batch, dim, n_chunks, dstate), so that
 // the backward recomputes states one chunk at a time: memory O(batch * dim * (L + dstate)) instead of
