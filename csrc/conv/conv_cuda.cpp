@@ -1,7 +1,9 @@
 // CUDA registration of the fused conv2d op (schema in csrc/ops.cpp): the op body of conv_ops.h, shared
 // with the CPU registration, run with a launcher that calls conv_launch.h's kernels on the current
 // stream, after the checks only the CUDA kernels need. The backward has no CUDA kernel yet and says so.
-// Built by setup.py only (it needs torch's CUDA headers); the kernels are also built by the CMake check.
+// Built by setup.py only (it needs torch's CUDA headers); the kernels are also built by the CMake check,
+// and this file with the kernels by the CPU emulator (tests/ops/cuda_emu, test_conv_emu.py), where the
+// forward has run; it has not run on a GPU.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -23,6 +25,14 @@ void launch_fwd_cuda(const Conv2dParams& p) {
   C10_CUDA_CHECK(launch_conv2d_fwd(p, at::cuda::getCurrentCUDAStream()));
 }
 
+void no_cuda_backward(const Conv2dBwdParams&) {
+  TORCH_CHECK(false, "conv2d_fused_backward: no CUDA kernel yet (the backward runs on the CPU only); "
+              "train on the CPU or use torch.nn.Conv2d on the GPU");
+}
+
+}  // namespace
+
+// Not in the anonymous namespace: the emulator's glue (tests/ops/cuda_emu/conv_glue.cpp) calls it.
 Tensor conv2d_fused_cuda(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::IntArrayRef stride,
                          c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, const OptTensor& scale,
                          const OptTensor& shift, c10::string_view activation, double slope,
@@ -32,12 +42,6 @@ Tensor conv2d_fused_cuda(const Tensor& x, const Tensor& weight, const OptTensor&
                                        slope, residual);
 }
 
-void no_cuda_backward(const Conv2dBwdParams&) {
-  TORCH_CHECK(false, "conv2d_fused_backward: no CUDA kernel yet (the backward runs on the CPU only); "
-              "train on the CPU or use torch.nn.Conv2d on the GPU");
-}
-
-}  // namespace
 }  // namespace fastdl::conv
 
 TORCH_LIBRARY_IMPL(fastdl, CUDA, m) {

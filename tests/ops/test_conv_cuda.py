@@ -1,4 +1,4 @@
-"""conv2d_fused's CUDA kernel (implicit GEMM, wmma tensor cores for fp16/bf16, FMA for fp32) against the
+"""conv2d_fused's CUDA kernel (implicit GEMM, mma.sync tensor cores for fp16/bf16, FMA for fp32) against the
 pure-PyTorch reference. Every test but the first is marked `cuda` and skipped where torch sees no GPU or
 fastdl was built without CUDA. The CUDA backward does not exist yet: the last test pins its error."""
 

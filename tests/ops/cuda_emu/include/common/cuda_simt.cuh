@@ -1,6 +1,6 @@
 // The emulator's csrc/common/cuda_simt.cuh: the same primitives, executed by emu_runtime on the host,
-// plus the CUDA built-ins the kernels use (threadIdx, __syncthreads, ...), since the host compiler
-// builds the kernels here. Shared loads and stores are checked for races and bounds; shuffles are warp
+// plus the CUDA built-ins the kernels use (threadIdx, __syncthreads, ...: in emu_builtins.h), since the
+// host compiler builds the kernels here. Shared loads and stores are checked for races and bounds; shuffles are warp
 // collectives; atomics are plain adds (the threads of the emulator are cooperative fibers, switched only
 // at collectives). A primitive added to the real header needs its twin here.
 #pragma once
@@ -12,18 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "emu_builtins.h"
 #include "emu_runtime.h"
-
-#ifndef __launch_bounds__
-#define __launch_bounds__(...)
-#endif
-
-#define threadIdx (::emu::thread_idx())
-#define blockIdx (::emu::block_idx())
-#define blockDim (::emu::block_dim())
-#define gridDim (::emu::grid_dim())
-
-inline void __syncthreads() { emu::sync_threads(); }
 
 namespace fastdl::cuda {
 

@@ -1,0 +1,46 @@
+// Python module of the emulated CUDA fused conv2d: the real binding's functions (csrc/conv/conv_cuda.cpp,
+// compiled against the stub CUDA headers of include/) on CPU tensors, the kernels (conv_kernel.cuh) run by
+// the emulator, which checks every shared-memory access for races and bounds.
+#include <torch/extension.h>
+
+#include "conv/conv_ops.h"
+#include "emu_runtime.h"
+
+namespace fastdl::conv {
+Tensor conv2d_fused_cuda(const Tensor&, const Tensor&, const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
+                         c10::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, c10::string_view, double,
+                         const OptTensor&);
+}  // namespace fastdl::conv
+
+namespace {
+
+namespace cv = fastdl::conv;
+
+// The schemas' argument order (csrc/ops.cpp): padding as 4 ints (top, bottom, left, right).
+at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight, const cv::OptTensor& bias, std::vector<int64_t> stride,
+               std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups, const cv::OptTensor& scale,
+               const cv::OptTensor& shift, const std::string& activation, double slope,
+               const cv::OptTensor& residual) {
+  return cv::conv2d_fused_cuda(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, slope,
+                               residual);
+}
+
+pybind11::dict stats() {
+  const auto& s = emu::stats();
+  pybind11::dict d;
+  d["ctas"] = s.ctas;
+  d["mma"] = s.mma;
+  d["ldmatrix"] = s.ldmatrix;
+  d["syncs"] = s.syncs;
+  d["launches"] = s.launches;
+  d["max_smem"] = s.max_smem;
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fwd", &fwd);
+  m.def("stats", &stats);
+  m.def("set_schedule", &emu::set_schedule, "thread visit order: 0 ascending, 1 descending, 2 random");
+}

@@ -1,0 +1,135 @@
+"""The CUDA fused conv2d (csrc/conv/conv_kernel.cuh: mma.sync tensor cores for fp16 / bf16, FMAs for fp32) run on
+the CPU by the emulator in tests/ops/cuda_emu, through the real binding conv_cuda.cpp, against the pure-PyTorch
+reference conv2d_fused_ref: the forward, fp16 / bf16 / fp32, NCHW and channels_last,
+stride 2, dilation 2, asymmetric padding, groups 2 and depthwise, odd sizes (13x17, channels not multiples of 8),
+every activation with and without residual. The emulator also checks every shared-memory access for races and
+bounds. Low precision: error against the fp32 reference at most 2x the error of torch doing the same computation
+in that dtype. Marked slow (building the emulator module takes a few minutes): run with
+--runslow.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastdl.ops import conv2d_fused_ref
+from fastdl.ops.conv import _pair, apply_activation_ref, parse_activation, parse_padding
+
+from .cuda_emu import load_conv_emu
+
+pytestmark = pytest.mark.slow
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+DTYPE_IDS = ["fp16", "bf16", "fp32"]
+ACTS = [None, "relu", ("leaky_relu", 0.2), "silu", "gelu", "sigmoid", "tanh"]
+# (kernel, stride, padding, dilation, groups, C_in, C_out); groups 0 means depthwise (groups = C_in).
+GEOMS = [
+    (3, 1, 1, 1, 1, 6, 10),
+    (1, 2, 0, 1, 1, 6, 10),
+    (5, 1, (2, 1, 0, 3), 2, 2, 6, 10),
+    (3, 1, "same", 1, 0, 10, 10),
+    (7, 2, 3, 1, 1, 3, 5),
+    (3, 2, (1, 2, 0, 3), 2, 2, 6, 10),
+]
+GEOM_IDS = ["3x3", "1x1s2", "5x5-asym-dil2-g2", "dw3x3", "7x7s2", "3x3s2-dil2-asym-g2"]
+
+
+def _cases():
+    """Each activation with and without residual; each geometry in both memory formats."""
+    out = []
+    for i, (act, res) in enumerate(itertools.product(range(len(ACTS)), [False, True])):
+        out.append((i % len(GEOMS), act, res, (i // len(GEOMS)) % 2 == 1))
+    return out
+
+
+CASES = _cases()
+CASE_IDS = [f"{GEOM_IDS[g]}-a{a}-r{int(r)}-{'cl' if cl else 'nchw'}" for g, a, r, cl in CASES]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return load_conv_emu()
+
+
+def _make(geom, act, residual, channels_last, dtype, n=2, h=13, w=17, seed=0):
+    k, stride, padding, dilation, groups, cin, cout = geom
+    groups = groups or cin
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cin, h, w, generator=gen)
+    wt = torch.randn(cout, cin // groups, k, k, generator=gen) / (cin // groups * k * k) ** 0.5
+    pad4 = parse_padding(padding, (k, k), _pair("stride", stride), _pair("dilation", dilation))
+    oh = (h + pad4[0] + pad4[1] - dilation * (k - 1) - 1) // stride + 1
+    ow = (w + pad4[2] + pad4[3] - dilation * (k - 1) - 1) // stride + 1
+    t = dict(x=x, weight=wt, bias=torch.randn(cout, generator=gen), scale=torch.rand(cout, generator=gen) + 0.5,
+             shift=torch.randn(cout, generator=gen),
+             residual=torch.randn(n, cout, oh, ow, generator=gen) if residual else None)
+    t = {name: (v.to(dtype) if v is not None else None) for name, v in t.items()}
+    if channels_last:
+        t["x"] = t["x"].to(memory_format=torch.channels_last)
+        if residual:
+            t["residual"] = t["residual"].to(memory_format=torch.channels_last)
+    conf = dict(stride=stride, padding=padding, dilation=dilation, groups=groups, activation=ACTS[act])
+    return t, conf, pad4, (n, cout, oh, ow)
+
+
+def _emu_args(t, conf, pad4):
+    act, slope = parse_activation(conf["activation"])
+    s, d = _pair("stride", conf["stride"]), _pair("dilation", conf["dilation"])
+    return (t["x"], t["weight"], t["bias"], list(s), list(pad4), list(d), conf["groups"], t["scale"], t["shift"], act,
+            slope, t["residual"])
+
+
+def _torch_low(t, conf, pad4):
+    """The same computation as separate torch ops, every one in t's dtype (what a user would get from torch)."""
+    x = F.pad(t["x"], (pad4[2], pad4[3], pad4[0], pad4[1]))
+    y = F.conv2d(x, t["weight"], None, conf["stride"], 0, conf["dilation"], conf["groups"])
+    v = (1, -1, 1, 1)
+    y = y * t["scale"].view(v) + t["shift"].view(v) + t["bias"].view(v)
+    if t["residual"] is not None:
+        y = y + t["residual"]
+    return apply_activation_ref(y, conf["activation"])
+
+
+def _max_err(a, b):
+    return (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_forward(emu, dtype, case):
+    geom, act, residual, cl = case
+    t, conf, pad4, shape = _make(GEOMS[geom], act, residual, cl, dtype)
+    out = emu.fwd(*_emu_args(t, conf, pad4))
+    assert out.dtype == dtype and out.shape == shape
+    if cl:
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    ref32 = conv2d_fused_ref(*(t[k].float() for k in ("x", "weight", "bias")), scale=t["scale"].float(),
+                             shift=t["shift"].float(),
+                             residual=t["residual"].float() if residual else None, **conf)
+    err = _max_err(out, ref32)
+    if dtype == torch.float32:
+        assert err < 1e-4, err
+    else:
+        err_torch = _max_err(_torch_low(t, conf, pad4), ref32)
+        assert err <= 2 * err_torch, (err, err_torch)
+
+
+def test_noncontiguous_and_empty_batch(emu):
+    x = torch.randn(2, 12, 26, 34)[:, ::2, ::2, ::2]  # (2, 6, 13, 17), strided every way
+    t = dict(x=x, weight=torch.randn(10, 6, 3, 3) / 7, bias=None, scale=None, shift=None, residual=None)
+    conf = dict(stride=1, padding=1, dilation=1, groups=1, activation="relu")
+    pad4 = (1, 1, 1, 1)
+    out = emu.fwd(*_emu_args(t, conf, pad4))
+    torch.testing.assert_close(out, conv2d_fused_ref(x, t["weight"], **conf), atol=1e-4, rtol=1e-4)
+    t["x"] = torch.randn(0, 6, 13, 17)
+    assert emu.fwd(*_emu_args(t, conf, pad4)).shape == (0, 10, 13, 17)
+
+
+def test_float64_is_rejected_with_a_clear_error(emu):
+    t, conf, pad4, _ = _make(GEOMS[0], 0, False, False, torch.float64)
+    with pytest.raises(RuntimeError, match="float64 runs on the CPU only"):
+        emu.fwd(*_emu_args(t, conf, pad4))
