@@ -1,6 +1,6 @@
 // CUDA fused conv2d, forward: implicit GEMM with the epilogue (scale, shift + bias, residual, activation)
 // applied to the tile before it leaves the block. Torch-free: params struct in, raw pointers, a launch
-// function taking a cudaStream_t. The main loop is generic so that the backward can reuse it.
+// function taking a cudaStream_t. The backward (conv_bwd_kernel.cuh) reuses the same main loop.
 //
 // The main loop, implicit_gemm_tile, is generic: C[m, n] = sum_k A(m, k) * B(k, n) over one 64 x 64 tile
 // of C and a k range, with A and B produced by gather functors (so the GEMM operands are never

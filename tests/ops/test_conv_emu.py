@@ -1,10 +1,10 @@
-"""The CUDA fused conv2d (csrc/conv/conv_kernel.cuh: mma.sync tensor cores for fp16 / bf16, FMAs for fp32) run on
-the CPU by the emulator in tests/ops/cuda_emu, through the real binding conv_cuda.cpp, against the pure-PyTorch
-reference conv2d_fused_ref: the forward, fp16 / bf16 / fp32, NCHW and channels_last,
+"""The CUDA fused conv2d (csrc/conv/conv_kernel.cuh, conv_bwd_kernel.cuh: mma.sync tensor cores for fp16 / bf16,
+FMAs for fp32) run on the CPU by the emulator in tests/ops/cuda_emu, through the real binding conv_cuda.cpp, against
+the pure-PyTorch reference conv2d_fused_ref: forward and every gradient, fp16 / bf16 / fp32, NCHW and channels_last,
 stride 2, dilation 2, asymmetric padding, groups 2 and depthwise, odd sizes (13x17, channels not multiples of 8),
 every activation with and without residual. The emulator also checks every shared-memory access for races and
-bounds. Low precision: error against the fp32 reference at most 2x the error of torch doing the same computation
-in that dtype. Marked slow (building the emulator module takes a few minutes): run with
+bounds. Low precision: error against the fp32 reference at most 2x (forward) / 3x (gradients) the error of torch
+doing the same computation in that dtype. Marked slow (building the emulator module takes a few minutes): run with
 --runslow.
 """
 
@@ -118,6 +118,75 @@ def test_forward(emu, dtype, case):
         assert err <= 2 * err_torch, (err, err_torch)
 
 
+NAMES = ["x", "weight", "bias", "scale", "shift", "residual"]
+
+
+def _check_backward(emu, t, conf, pad4, dtype, seed=1):
+    leaves32 = {k: (v.detach().float().requires_grad_(True) if v is not None else None) for k, v in t.items()}
+    ref32 = conv2d_fused_ref(leaves32["x"], leaves32["weight"], leaves32["bias"], scale=leaves32["scale"],
+                             shift=leaves32["shift"], residual=leaves32["residual"], **conf)
+    gen = torch.Generator().manual_seed(seed)
+    dout = torch.randn(ref32.shape, generator=gen).to(dtype)
+    if t["x"].is_contiguous(memory_format=torch.channels_last) and not t["x"].is_contiguous():
+        dout = dout.to(memory_format=torch.channels_last)
+    grads = emu.bwd(dout, *_emu_args(t, conf, pad4))
+    names = [k for k in NAMES if t[k] is not None]
+    ref_grads = dict(zip(names, torch.autograd.grad(ref32, [leaves32[k] for k in names], dout.float())))
+    if dtype != torch.float32:
+        leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in t.items()}
+        out_ref = _torch_low(leaves, conf, pad4)
+        low_grads = dict(zip(names, torch.autograd.grad(out_ref, [leaves[k] for k in names], dout)))
+    for name, g in zip(NAMES, grads):
+        if t[name] is None:
+            assert g.numel() == 0, name
+            continue
+        assert g.shape == t[name].shape and g.dtype == t[name].dtype, name
+        err = _max_err(g, ref_grads[name])
+        if dtype == torch.float32:
+            scale = ref_grads[name].abs().max().item() + 1.0
+            assert err <= 1e-4 * scale, (name, err)
+        else:
+            err_torch = _max_err(low_grads[name], ref_grads[name])
+            assert err <= 3 * err_torch + 1e-6, (name, err, err_torch)
+    return grads
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_backward(emu, dtype, case):
+    geom, act, residual, cl = case
+    t, conf, pad4, _ = _make(GEOMS[geom], act, residual, cl, dtype)
+    _check_backward(emu, t, conf, pad4, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_several_tiles_and_splits(emu, dtype):
+    """C_out > 64 and K = 9 * 20 > 32 (several column tiles and k steps), 2304 output pixels: the dscale /
+    dshift reduction takes 3 chunks and dweight 3 split-K slices."""
+    t, conf, pad4, shape = _make((3, 1, 1, 1, 1, 20, 72), 3, True, True, dtype, n=4, h=24, w=24, seed=3)
+    out = emu.fwd(*_emu_args(t, conf, pad4))
+    ref32 = conv2d_fused_ref(*(t[k].float() for k in ("x", "weight", "bias")), scale=t["scale"].float(),
+                             shift=t["shift"].float(), residual=t["residual"].float(), **conf)
+    err = _max_err(out, ref32)
+    assert err <= (1e-4 if dtype == torch.float32 else 2 * _max_err(_torch_low(t, conf, pad4), ref32)), err
+    _check_backward(emu, t, conf, pad4, dtype)
+
+
+def test_backward_deterministic_and_race_free_under_any_schedule(emu):
+    """Fixed-order reductions, no atomics: bitwise the same gradients whatever order the emulator runs the
+    threads in (and the race checker sees each order)."""
+    t, conf, pad4, shape = _make(GEOMS[5], 3, True, True, torch.bfloat16)
+    dout = torch.randn(shape).to(torch.bfloat16)
+    runs = []
+    for mode in (0, 1, 2):
+        emu.set_schedule(mode, 5)
+        runs.append(emu.bwd(dout, *_emu_args(t, conf, pad4)))
+    emu.set_schedule(0, 1)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
 def test_noncontiguous_and_empty_batch(emu):
     x = torch.randn(2, 12, 26, 34)[:, ::2, ::2, ::2]  # (2, 6, 13, 17), strided every way
     t = dict(x=x, weight=torch.randn(10, 6, 3, 3) / 7, bias=None, scale=None, shift=None, residual=None)
@@ -125,8 +194,11 @@ def test_noncontiguous_and_empty_batch(emu):
     pad4 = (1, 1, 1, 1)
     out = emu.fwd(*_emu_args(t, conf, pad4))
     torch.testing.assert_close(out, conv2d_fused_ref(x, t["weight"], **conf), atol=1e-4, rtol=1e-4)
+    _check_backward(emu, t, conf, pad4, torch.float32)
     t["x"] = torch.randn(0, 6, 13, 17)
     assert emu.fwd(*_emu_args(t, conf, pad4)).shape == (0, 10, 13, 17)
+    dx, dw, *_ = emu.bwd(torch.randn(0, 10, 13, 17), *_emu_args(t, conf, pad4))
+    assert dx.shape == (0, 6, 13, 17) and torch.equal(dw, torch.zeros_like(dw))
 
 
 def test_float64_is_rejected_with_a_clear_error(emu):

@@ -22,7 +22,7 @@ SIMT_SOURCES = ["emu_runtime.cpp", "simt_glue.cpp", "kernels_scan_fwd.cpp", "ker
 SIMT_BINDINGS = ["csrc/selective_scan/selective_scan_cuda.cpp", "csrc/causal_conv1d/causal_conv1d_cuda.cpp",
                  "csrc/lstm/lstm_cuda.cpp"]
 
-CONV_SOURCES = ["emu_runtime.cpp", "conv_glue.cpp", "kernels_conv2d_fwd.cpp"]
+CONV_SOURCES = ["emu_runtime.cpp", "conv_glue.cpp", "kernels_conv2d_fwd.cpp", "kernels_conv2d_bwd.cpp"]
 
 
 def load_flash_emu(verbose: bool = False):
@@ -38,9 +38,9 @@ def load_simt_emu(verbose: bool = False):
 
 
 def load_conv_emu(verbose: bool = False):
-    """The fused conv2d kernels (conv_kernel.cuh: mma.sync through flash_ptx.cuh, shared memory through
-    common/cuda_simt.cuh) on the emulator, through the real binding csrc/conv/conv_cuda.cpp: fwd with the
-    argument order of fastdl::conv2d_fused (padding as 4 ints)."""
+    """The fused conv2d kernels (conv_kernel.cuh, conv_bwd_kernel.cuh: mma.sync through flash_ptx.cuh, shared
+    memory through common/cuda_simt.cuh) on the emulator, through the real binding csrc/conv/conv_cuda.cpp:
+    fwd / bwd with the argument order of fastdl::conv2d_fused / conv2d_fused_backward (padding as 4 ints)."""
     return _load("fastdl_conv_emu", CONV_SOURCES, ["csrc/conv/conv_cuda.cpp"], "cuda-emu-conv", verbose)
 
 

@@ -1,6 +1,6 @@
 // Python module of the emulated CUDA fused conv2d: the real binding's functions (csrc/conv/conv_cuda.cpp,
-// compiled against the stub CUDA headers of include/) on CPU tensors, the kernels (conv_kernel.cuh) run by
-// the emulator, which checks every shared-memory access for races and bounds.
+// compiled against the stub CUDA headers of include/) on CPU tensors, the kernels (conv_kernel.cuh,
+// conv_bwd_kernel.cuh) run by the emulator, which checks every shared-memory access for races and bounds.
 #include <torch/extension.h>
 
 #include "conv/conv_ops.h"
@@ -10,6 +10,9 @@ namespace fastdl::conv {
 Tensor conv2d_fused_cuda(const Tensor&, const Tensor&, const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
                          c10::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, c10::string_view, double,
                          const OptTensor&);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv2d_fused_backward_cuda(
+    const Tensor&, const Tensor&, const Tensor&, const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
+    c10::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, c10::string_view, double, const OptTensor&);
 }  // namespace fastdl::conv
 
 namespace {
@@ -23,6 +26,16 @@ at::Tensor fwd(const at::Tensor& x, const at::Tensor& weight, const cv::OptTenso
                const cv::OptTensor& residual) {
   return cv::conv2d_fused_cuda(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, slope,
                                residual);
+}
+
+std::vector<at::Tensor> bwd(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+                            const cv::OptTensor& bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                            std::vector<int64_t> dilation, int64_t groups, const cv::OptTensor& scale,
+                            const cv::OptTensor& shift, const std::string& activation, double slope,
+                            const cv::OptTensor& residual) {
+  auto r = cv::conv2d_fused_backward_cuda(grad_out, x, weight, bias, stride, padding, dilation, groups, scale, shift,
+                                          activation, slope, residual);
+  return {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<4>(r), std::get<5>(r)};
 }
 
 pybind11::dict stats() {
@@ -41,6 +54,7 @@ pybind11::dict stats() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd);
+  m.def("bwd", &bwd);
   m.def("stats", &stats);
   m.def("set_schedule", &emu::set_schedule, "thread visit order: 0 ascending, 1 descending, 2 random");
 }
