@@ -7,8 +7,9 @@
 // materialised: im2col, zero padding and, in the backward, the activation's derivative happen in the
 // gather) and C handed element by element to an epilogue functor. Per k step of 32:
 //   * each thread gathers 16 consecutive k of one A row and of one B row (row state computed once per
-//     tile, see the Row types), converts to T and stores them to shared memory, both operands k-contiguous:
-//     sA[64 rows][32 k], sB[64 cols][32 k] (row pitch 40 elements: 80 B, 16-byte aligned for ldmatrix);
+//     tile, see the Row types) into registers one step ahead, converts them to T and stores them to shared
+//     memory with 16-byte stores, both operands k-contiguous: sA[64 rows][32 k], sB[64 cols][32 k] (row
+//     pitch 40 elements: 80 B, 16-byte aligned for ldmatrix);
 //   * fp16 / bf16: 4 warps, each a 32 x 32 sub-tile = 2 x 4 mma.sync m16n8k16 tiles with fp32
 //     accumulators, operands loaded with ldmatrix.x4 (fragment layouts in flash_attn/flash_ptx.cuh);
 //     fp32: each of the 128 threads accumulates a 4 x 8 sub-tile with FMAs;
@@ -28,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cuda_simt.cuh"
@@ -86,6 +88,25 @@ __device__ __forceinline__ float activate_grad(Activation a, float z, float slop
   }
 }
 
+// 16 values of one tile row, converted to T, as 16-byte shared stores (dst 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void store_row16(T* dst, const float (&v)[16]) {
+  if constexpr (std::is_same_v<T, float>) {
+    for (int q = 0; q < 4; ++q) {
+      uint4 u;
+      memcpy(&u, &v[4 * q], sizeof(u));
+      fastdl::flash_attn::st_shared_16(dst + 4 * q, u);
+    }
+  } else {
+    for (int q = 0; q < 2; ++q) {
+      const float* w = &v[8 * q];
+      const uint4 u = make_uint4(fastdl::flash_attn::pack2<T>(w[0], w[1]), fastdl::flash_attn::pack2<T>(w[2], w[3]),
+                                 fastdl::flash_attn::pack2<T>(w[4], w[5]), fastdl::flash_attn::pack2<T>(w[6], w[7]));
+      fastdl::flash_attn::st_shared_16(dst + 8 * q, u);
+    }
+  }
+}
+
 // ---- the generic main loop ---------------------------------------------------------------------------
 //
 // GA / GB: `Row row(int64_t r) const` (state of tile row r, r may be past the end: the functor then
@@ -116,14 +137,23 @@ __device__ __forceinline__ void implicit_gemm_tile(const GA& ga, const GB& gb, c
     for (auto& b : a)
       for (float& c : b) c = 0.f;
 
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+  // Register prefetch: the next step's gathers are issued before this step's MMAs, so that their
+  // global-memory latency overlaps the math (the shared tiles themselves are single-buffered).
+  float ra[16], rb[16];
+  auto gather = [&](int64_t k0) {
     for (int e = 0; e < 16; ++e) {
       const int64_t k = k0 + lk + e;
       const bool in = k < k_end;
-      sst(&sa[lr * kLd + lk + e], fastdl::cuda::from_math<T>(in ? ga.load(arow, k) : 0.f));
-      sst(&sb[lr * kLd + lk + e], fastdl::cuda::from_math<T>(in ? gb.load(brow, k) : 0.f));
+      ra[e] = in ? ga.load(arow, k) : 0.f;
+      rb[e] = in ? gb.load(brow, k) : 0.f;
     }
+  };
+  if (k_begin < k_end) gather(k_begin);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
+    store_row16(&sa[lr * kLd + lk], ra);
+    store_row16(&sb[lr * kLd + lk], rb);
     __syncthreads();
+    if (k0 + kBK < k_end) gather(k0 + kBK);
     if constexpr (kTensorCores) {
       for (int kk = 0; kk < kBK; kk += 16) {
         uint32_t af[2][4], bf[4][2];
