@@ -161,9 +161,10 @@ def test_backward(emu, dtype, case):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_several_tiles_and_splits(emu, dtype):
-    """C_out > 64 and K = 9 * 20 > 32 (several column tiles and k steps), 2304 output pixels: the dscale /
-    dshift reduction takes 3 chunks and dweight 3 split-K slices."""
-    t, conf, pad4, shape = _make((3, 1, 1, 1, 1, 20, 72), 3, True, True, dtype, n=4, h=24, w=24, seed=3)
+    """C_out > 64 and K = 9 * 20 > 32 (several column tiles and k steps, the last partial), 2300 output pixels:
+    the dscale / dshift reduction takes 3 chunks of 767 pixels and dweight 3 split-K slices of 768, 768 and 764
+    (conv_launch.h's plan)."""
+    t, conf, pad4, shape = _make((3, 1, 1, 1, 1, 20, 72), 3, True, True, dtype, n=4, h=23, w=25, seed=3)
     out = emu.fwd(*_emu_args(t, conf, pad4))
     ref32 = conv2d_fused_ref(*(t[k].float() for k in ("x", "weight", "bias")), scale=t["scale"].float(),
                              shift=t["shift"].float(), residual=t["residual"].float(), **conf)
