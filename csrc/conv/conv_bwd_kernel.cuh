@@ -157,7 +157,8 @@ struct GradByInputPixel {
   }
   __device__ __forceinline__ float load(const Row& r, int64_t k) const {
     if (!r.valid) return 0.f;
-    const int co = static_cast<int>(k % cout_g), tap = static_cast<int>(k / cout_g);
+    const int kk = static_cast<int>(k);  // < KH * KW * Cout_g < 2^31 (conv_cuda.cpp checks): 32-bit div / mod
+    const int co = kk % cout_g, tap = kk / cout_g;
     const int64_t h = r.th - (tap / kw) * dil_h, w = r.tw - (tap % kw) * dil_w;
     if (h < 0 || w < 0 || h % stride_h != 0 || w % stride_w != 0) return 0.f;
     const int64_t oh = h / stride_h, ow = w / stride_w;

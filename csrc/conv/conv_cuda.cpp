@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "conv/conv_launch.h"
 #include "conv/conv_ops.h"
 
@@ -21,6 +23,10 @@ constexpr int64_t kMaxGridYZ = 65535;
 void check_cuda_params(const char* op, const Conv2dParams& p) {
   TORCH_CHECK(p.input_dtype != DType::kFloat64, op,
               ": on CUDA, x must be float32, float16 or bfloat16 (float64 runs on the CPU only)");
+  // The GEMMs' reduction index (kh, kw, channel) is a 32-bit int in the kernels.
+  const int64_t taps = p.kernel_h * p.kernel_w, k_max = std::max(p.in_channels, p.out_channels) / p.groups * taps;
+  TORCH_CHECK(k_max < (int64_t(1) << 31), op, ": on CUDA, kH * kW * max(C_in, C_out) / groups must be below 2^31, got ",
+              k_max);
   const int64_t tiles_out = (p.out_channels / p.groups + kConvTile - 1) / kConvTile;
   TORCH_CHECK(p.groups <= kMaxGridYZ && tiles_out <= kMaxGridYZ, op, ": on CUDA, groups and ceil(C_out / groups / ",
               kConvTile, ") must be at most ", kMaxGridYZ, ", got groups = ", p.groups, " and ", tiles_out);

@@ -233,7 +233,8 @@ struct XByPixel {
   }
   __device__ __forceinline__ float load(const Row& r, int64_t k) const {
     if (!r.valid) return 0.f;
-    const int ci = static_cast<int>(k % cin_g), tap = static_cast<int>(k / cin_g);
+    const int kk = static_cast<int>(k);  // < KH * KW * Cin_g < 2^31 (conv_cuda.cpp checks): 32-bit div / mod
+    const int ci = kk % cin_g, tap = kk / cin_g;
     const int64_t ih = r.ih0 + (tap / kw) * dil_h, iw = r.iw0 + (tap % kw) * dil_w;
     if (ih < 0 || ih >= in_h || iw < 0 || iw >= in_w) return 0.f;
     return fastdl::cuda::to_math(r.xn[ci * s[1] + ih * s[2] + iw * s[3]]);
@@ -261,7 +262,8 @@ struct WeightGather {
   __device__ __forceinline__ Row row(int64_t r) const { return {r, r < rows}; }
   __device__ __forceinline__ float load(const Row& r, int64_t k) const {
     if (!r.valid) return 0.f;
-    const int64_t c = k % inner, tap = k / inner;
+    const int kk = static_cast<int>(k);  // as above
+    const int64_t c = kk % inner, tap = kk / inner;
     const int64_t co = kRowsAreOut ? r.r : c, ci = kRowsAreOut ? c : r.r;
     return fastdl::cuda::to_math(w[co * kdim + ci * taps + tap]);
   }
