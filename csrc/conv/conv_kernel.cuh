@@ -14,11 +14,15 @@
 //     accumulators, operands loaded with ldmatrix.x4 (fragment layouts in flash_attn/flash_ptx.cuh);
 //     fp32: each of the 128 threads accumulates a 4 x 8 sub-tile with FMAs;
 //   * the fp32 tile then goes through shared memory to the epilogue, threads walking n fastest, so an
-//     NHWC output (channels_last) is written coalesced.
-// Shared memory is reached only through flash_ptx.cuh (ldmatrix, mma) and common/cuda_simt.cuh (sld /
-// sst, the dynamic shared memory, the launch), whose twins in tests/ops/cuda_emu/include let the CPU
-// emulator run this very source (tests/ops/test_conv_emu.py). No cp.async double buffering nor swizzle
-// yet. It has run on the emulator, not on a GPU (none was available); compiled for sm_80 / sm_90.
+//     NHWC output (channels_last) is written coalesced (an NCHW one is not).
+// Shared memory is reached only through flash_ptx.cuh (ldmatrix, mma, st_shared_16) and common/cuda_simt.cuh
+// (sld / sst, the dynamic shared memory, the launch), whose twins in tests/ops/cuda_emu/include let the CPU
+// emulator run this very source and check every shared access for races and bounds (test_conv_emu.py);
+// global memory is read and written with plain accesses, which the emulator does not check. Not done yet:
+// cp.async multi-stage pipelining (the gathers convert and zero-fill element by element, so they would
+// need a channels_last, Cin_g % 8 == 0 fast path with a (kh, kw, ci)-ordered weight), swizzled shared
+// memory, incremental (tap, ci) stepping instead of a div / mod per element. It has run on the emulator,
+// not on a GPU (none was available), so nothing about its speed is known; compiled for sm_80 / sm_90.
 //
 // Forward GEMM per group g (blockIdx.z): rows m = output pixels (n, oh, ow) (M = N * OH * OW), columns =
 // the group's output channels, k = (kh, kw, ci) (K = KH * KW * Cin_g, ci fastest, so that a
