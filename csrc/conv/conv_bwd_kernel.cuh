@@ -3,7 +3,8 @@
 // the fp32 workspace comes from the caller (plan_conv2d_bwd / set_conv2d_bwd_workspace, conv_launch.h).
 //
 // With pre = conv(x, w), z = pre * scale + shift + bias + residual and g = dout * act'(z):
-//   1. pre_kernel: the forward GEMM again, its tile stored as fp32 into ws_pre [N*OH*OW, Cout];
+//   1. pre_kernel: the forward GEMM again (x by cp.async when channels_last allows, as the forward), its
+//      tile stored as fp32 into ws_pre [N*OH*OW, Cout];
 //   2. stats_kernel: per channel and pixel chunk, sum g * pre and sum g (dscale, dshift = dbias), from ws_pre
 //      and dout, writing dresidual = g on the way; stats_final_kernel adds the chunks up in chunk order;
 //   3. dgrad_kernel: dx = implicit GEMM over (kh, kw, co) whose A gather computes g * scale from dout and
@@ -69,7 +70,7 @@ struct PreEpilogue {
   __device__ __forceinline__ void operator()(int64_t m, int64_t co, float v) const { pre[m * cout + c0 + co] = v; }
 };
 
-template <typename T>
+template <typename T, bool kAsyncA>
 __global__ void __launch_bounds__(kThreads) conv2d_pre_kernel(const Conv2dBwdParams p) {
   const int g = static_cast<int>(blockIdx.z);
   const XByPixel<T> a(p, g);
@@ -77,8 +78,8 @@ __global__ void __launch_bounds__(kThreads) conv2d_pre_kernel(const Conv2dBwdPar
   const int64_t cout_g = p.out_channels / p.groups;
   const PreEpilogue epi{p.ws_pre, p.out_channels, g * cout_g};
   const int64_t K = p.kernel_h * p.kernel_w * (p.in_channels / p.groups);
-  implicit_gemm_tile<T>(a, b, epi, a.M, cout_g, static_cast<int64_t>(blockIdx.x) * kBM,
-                        static_cast<int64_t>(blockIdx.y) * kBN, 0, K);
+  implicit_gemm_tile<T, kAsyncA>(a, b, epi, a.M, cout_g, static_cast<int64_t>(blockIdx.x) * kBM,
+                                 static_cast<int64_t>(blockIdx.y) * kBN, 0, K);
 }
 
 // ---- 2. dscale, dshift, dresidual ----------------------------------------------------------------------
@@ -292,9 +293,13 @@ cudaError_t run_conv2d_bwd(const Conv2dBwdParams& p, cudaStream_t stream) {
   const int64_t P = p.batch * p.out_h * p.out_w, cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
   const int64_t taps = p.kernel_h * p.kernel_w;
   auto u = [](int64_t v) { return static_cast<unsigned>(v); };
-  FASTDL_CUDA_CHECK(launch_kernel(detail::conv2d_pre_kernel<T>, dim3(u(ceil_div<int64_t>(P, tile)),
-                                                                      u(ceil_div<int64_t>(cout_g, tile)), G),
-                                  detail::kThreads, smem, stream, p));
+  const dim3 pre_grid(u(ceil_div<int64_t>(P, tile)), u(ceil_div<int64_t>(cout_g, tile)), G);
+  if (detail::x_chunks_aligned<T>(p)) {
+    FASTDL_CUDA_CHECK(launch_kernel(detail::conv2d_pre_kernel<T, true>, pre_grid, detail::kThreads,
+                                    detail::gemm_smem_bytes<T, true>(), stream, p));
+  } else {
+    FASTDL_CUDA_CHECK(launch_kernel(detail::conv2d_pre_kernel<T, false>, pre_grid, detail::kThreads, smem, stream, p));
+  }
   FASTDL_CUDA_CHECK(launch_kernel(detail::conv2d_stats_kernel<T>,
                                   dim3(u(ceil_div<int64_t>(p.out_channels, 32)), u(p.stat_chunks), 1),
                                   detail::kStatThreads, 2 * detail::kStatThreads * 4, stream, p));

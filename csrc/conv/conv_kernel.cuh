@@ -9,7 +9,10 @@
 //   * each thread gathers 16 consecutive k of one A row and of one B row (row state computed once per
 //     tile, see the Row types) into registers one step ahead, converts them to T and stores them to shared
 //     memory with 16-byte stores, both operands k-contiguous: sA[64 rows][32 k], sB[64 cols][32 k] (row
-//     pitch 40 elements: 80 B, 16-byte aligned for ldmatrix);
+//     pitch 40 elements: 80 B, 16-byte aligned for ldmatrix). When x is channels_last with Cin_g a
+//     multiple of 16 bytes (every ResNet conv but the stem), the forward's A instead arrives by 16-byte
+//     cp.async (zero-fill in the padding) into two shared stages, the next step's copies in flight during
+//     this step's MMAs;
 //   * fp16 / bf16: 4 warps, each a 32 x 32 sub-tile = 2 x 4 mma.sync m16n8k16 tiles with fp32
 //     accumulators, operands loaded with ldmatrix.x4 (fragment layouts in flash_attn/flash_ptx.cuh);
 //     fp32: each of the 128 threads accumulates a 4 x 8 sub-tile with FMAs;
@@ -18,11 +21,12 @@
 // Shared memory is reached only through flash_ptx.cuh (ldmatrix, mma, st_shared_16) and common/cuda_simt.cuh
 // (sld / sst, the dynamic shared memory, the launch), whose twins in tests/ops/cuda_emu/include let the CPU
 // emulator run this very source and check every shared access for races and bounds (test_conv_emu.py);
-// global memory is read and written with plain accesses, which the emulator does not check. Not done yet:
-// cp.async multi-stage pipelining (the gathers convert and zero-fill element by element, so they would
-// need a channels_last, Cin_g % 8 == 0 fast path with a (kh, kw, ci)-ordered weight), swizzled shared
-// memory, incremental (tap, ci) stepping instead of a div / mod per element. It has run on the emulator,
-// not on a GPU (none was available), so nothing about its speed is known; compiled for sm_80 / sm_90.
+// global memory is read and written with plain accesses, which the emulator does not check (its cp.async
+// reads it does check, against x). Not done yet: cp.async for B (the weight's k order (kh, kw, ci) is not
+// its memory order; it would need a permuted copy) and for the backward's gathers (which compute), more
+// than two stages, swizzled shared memory, incremental (tap, ci) stepping instead of a div / mod per
+// element. It has run on the emulator, not on a GPU (none was available), so nothing about its speed is
+// known; compiled for sm_80 / sm_90.
 //
 // Forward GEMM per group g (blockIdx.z): rows m = output pixels (n, oh, ow) (M = N * OH * OW), columns =
 // the group's output channels, k = (kh, kw, ci) (K = KH * KW * Cin_g, ci fastest, so that a
@@ -49,9 +53,10 @@ constexpr int kBM = 64, kBN = 64, kBK = 32, kThreads = 128;
 constexpr int kLd = kBK + 8;   // shared row pitch of sA / sB in elements (80 B for 16-bit types)
 constexpr int kLdc = kBN + 4;  // fp32 C tile pitch
 
-template <typename T>
+// kAsyncA: A arrives by cp.async into two stages of (sA, sB) (see implicit_gemm_tile), else one stage.
+template <typename T, bool kAsyncA = false>
 constexpr int gemm_smem_bytes() {
-  const int ab = 2 * (kBM > kBN ? kBM : kBN) * kLd * static_cast<int>(sizeof(T));
+  const int ab = (kAsyncA ? 2 : 1) * (kBM + kBN) * kLd * static_cast<int>(sizeof(T));
   const int c = kBM * kLdc * static_cast<int>(sizeof(float));
   return ab > c ? ab : c;
 }
@@ -116,16 +121,23 @@ __device__ __forceinline__ void store_row16(T* dst, const float (&v)[16]) {
 // GA / GB: `Row row(int64_t r) const` (state of tile row r, r may be past the end: the functor then
 // returns a row whose loads are 0) and `float load(const Row&, int64_t k) const` (k in [k_begin, k_end)).
 // Epi: `void operator()(int64_t m, int64_t n, float c) const`, called once for each m < M, n < N.
-template <typename T, typename GA, typename GB, typename Epi>
+//
+// kAsyncA: A is instead copied as it is stored (T, no conversion) with 16-byte cp.async, GA providing
+// `const T* chunk(const Row&, int64_t k, bool& in) const` for the 16 / sizeof(T) elements from k (in: false
+// on entry past k_end; set false where the chunk is zero, e.g. padding, and then a valid dummy address is
+// returned). The A tile then has two shared stages: step s + 1's copies fly while step s is multiplied
+// (B keeps the register prefetch). K and k_begin must be multiples of the chunk.
+template <typename T, bool kAsyncA = false, typename GA, typename GB, typename Epi>
 __device__ __forceinline__ void implicit_gemm_tile(const GA& ga, const GB& gb, const Epi& epi, int64_t M, int64_t N,
                                                    int64_t m0, int64_t n0, int64_t k_begin, int64_t k_end) {
   using fastdl::cuda::sld;
   using fastdl::cuda::sst;
   constexpr bool kTensorCores = !std::is_same_v<T, float>;
+  constexpr int kVec = 16 / static_cast<int>(sizeof(T));
   static_assert(kBM == 64 && kBN == 64 && kBK == 32 && kThreads == 128, "loader and warp layout below");
   unsigned char* smem = fastdl::cuda::dynamic_smem();
-  T* sa = reinterpret_cast<T*>(smem);  // [kBM][kLd]
-  T* sb = sa + kBM * kLd;              // [kBN][kLd]
+  T* const stages = reinterpret_cast<T*>(smem);  // kAsyncA ? 2 : 1 times { sA [kBM][kLd], sB [kBN][kLd] }
+  constexpr int kStage = (kBM + kBN) * kLd;
   float* sc = reinterpret_cast<float*>(smem);  // [kBM][kLdc], after the main loop
   const int tid = static_cast<int>(threadIdx.x);
   // Loader: thread owns row lr of both tiles and k offsets lk .. lk + 15 of the step.
@@ -148,16 +160,42 @@ __device__ __forceinline__ void implicit_gemm_tile(const GA& ga, const GB& gb, c
     for (int e = 0; e < 16; ++e) {
       const int64_t k = k0 + lk + e;
       const bool in = k < k_end;
-      ra[e] = in ? ga.load(arow, k) : 0.f;
+      if constexpr (!kAsyncA) ra[e] = in ? ga.load(arow, k) : 0.f;
       rb[e] = in ? gb.load(brow, k) : 0.f;
     }
   };
-  if (k_begin < k_end) gather(k_begin);
+  auto copy_a = [&](T* sa, int64_t k0) {  // kAsyncA only
+    if constexpr (kAsyncA) {
+      for (int e = 0; e < 16; e += kVec) {
+        const int64_t k = k0 + lk + e;
+        bool in = k < k_end;
+        const T* src = ga.chunk(arow, k, in);
+        fastdl::flash_attn::cp_async_16(&sa[lr * kLd + lk + e], src, in);
+      }
+    }
+  };
+  if (k_begin < k_end) {
+    gather(k_begin);
+    copy_a(stages, k_begin);
+  }
+  if constexpr (kAsyncA) fastdl::flash_attn::cp_async_commit();
+  int stage = 0;
   for (int64_t k0 = k_begin; k0 < k_end; k0 += kBK) {
-    store_row16(&sa[lr * kLd + lk], ra);
+    T* const sa = stages + stage * kStage;
+    T* const sb = sa + kBM * kLd;
+    if constexpr (!kAsyncA) store_row16(&sa[lr * kLd + lk], ra);
     store_row16(&sb[lr * kLd + lk], rb);
+    if (k0 + kBK < k_end) {
+      gather(k0 + kBK);
+      // The other stage was last read by the previous step's MMAs, which the barrier that ended it orders.
+      copy_a(stages + (stage ^ 1) * kStage, k0 + kBK);
+    }
+    if constexpr (kAsyncA) {
+      fastdl::flash_attn::cp_async_commit();  // possibly empty: keeps "this step's group" the second newest
+      fastdl::flash_attn::cp_async_wait<1>();
+      stage ^= 1;
+    }
     __syncthreads();
-    if (k0 + kBK < k_end) gather(k0 + kBK);
     if constexpr (kTensorCores) {
       for (int kk = 0; kk < kBK; kk += 16) {
         uint32_t af[2][4], bf[4][2];
@@ -243,7 +281,24 @@ struct XByPixel {
     if (ih < 0 || ih >= in_h || iw < 0 || iw >= in_w) return 0.f;
     return fastdl::cuda::to_math(r.xn[ci * s[1] + ih * s[2] + iw * s[3]]);
   }
+  // For kAsyncA, when x is vectorizable (below): the chunk of ci .. ci + 16 / sizeof(T) - 1 at k's tap.
+  __device__ __forceinline__ const T* chunk(const Row& r, int64_t k, bool& in) const {
+    const int kk = static_cast<int>(k);
+    const int ci = kk % cin_g, tap = kk / cin_g;
+    const int64_t ih = r.ih0 + (tap / kw) * dil_h, iw = r.iw0 + (tap % kw) * dil_w;
+    in = in && r.valid && ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
+    return in ? r.xn + ci + ih * s[2] + iw * s[3] : x;
+  }
 };
+
+// Whether XByPixel may hand out 16-byte chunks: x channels_last-like (channels contiguous), every chunk
+// start (n, h, w strides, group offsets, Cin_g) a multiple of 16 bytes. Host side, from the params.
+template <typename T>
+inline bool x_chunks_aligned(const Conv2dParams& p) {
+  constexpr int64_t v = 16 / static_cast<int64_t>(sizeof(T));
+  return p.x_stride[1] == 1 && (p.in_channels / p.groups) % v == 0 && p.x_stride[0] % v == 0 &&
+         p.x_stride[2] % v == 0 && p.x_stride[3] % v == 0 && reinterpret_cast<uintptr_t>(p.x) % 16 == 0;
+}
 
 // The weight [Cout, Cin_g, KH, KW] (contiguous) with rows = the group's channels along `rows_are_out`
 // (forward: row = co, k = (kh, kw, ci); backward data: row = ci, k = (kh, kw, co)).
@@ -301,15 +356,15 @@ struct FwdEpilogue {
   }
 };
 
-template <typename T>
+template <typename T, bool kAsyncA>
 __global__ void __launch_bounds__(kThreads) conv2d_fwd_kernel(const Conv2dParams p) {
   const int g = static_cast<int>(blockIdx.z);
   const XByPixel<T> a(p, g);
   const WeightGather<T, true> b(p, g);
   const FwdEpilogue<T> epi(p, g);
   const int64_t K = p.kernel_h * p.kernel_w * (p.in_channels / p.groups);
-  implicit_gemm_tile<T>(a, b, epi, a.M, p.out_channels / p.groups, static_cast<int64_t>(blockIdx.x) * kBM,
-                        static_cast<int64_t>(blockIdx.y) * kBN, 0, K);
+  implicit_gemm_tile<T, kAsyncA>(a, b, epi, a.M, p.out_channels / p.groups, static_cast<int64_t>(blockIdx.x) * kBM,
+                                 static_cast<int64_t>(blockIdx.y) * kBN, 0, K);
 }
 
 }  // namespace detail
@@ -320,7 +375,11 @@ cudaError_t run_conv2d_fwd(const Conv2dParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(fastdl::cuda::ceil_div<int64_t>(M, detail::kBM)),
                   static_cast<unsigned>(fastdl::cuda::ceil_div<int64_t>(cout_g, detail::kBN)),
                   static_cast<unsigned>(p.groups));
-  return fastdl::cuda::launch_kernel(detail::conv2d_fwd_kernel<T>, grid, detail::kThreads,
+  if (detail::x_chunks_aligned<T>(p)) {
+    return fastdl::cuda::launch_kernel(detail::conv2d_fwd_kernel<T, true>, grid, detail::kThreads,
+                                       detail::gemm_smem_bytes<T, true>(), stream, p);
+  }
+  return fastdl::cuda::launch_kernel(detail::conv2d_fwd_kernel<T, false>, grid, detail::kThreads,
                                      detail::gemm_smem_bytes<T>(), stream, p);
 }
 

@@ -173,6 +173,32 @@ def test_several_tiles_and_splits(emu, dtype):
     _check_backward(emu, t, conf, pad4, dtype)
 
 
+# Shared memory of one forward block (conv_kernel.cuh's gemm_smem_bytes): two (sA, sB) stages of T when x
+# arrives by cp.async, one otherwise (at least the fp32 C tile, 64 x 68 floats).
+SMEM = {(torch.float16, True): 20480, (torch.bfloat16, True): 20480, (torch.float32, True): 40960,
+        (torch.float16, False): 17408, (torch.bfloat16, False): 17408, (torch.float32, False): 20480}
+
+
+@pytest.mark.parametrize("geom", [(3, 2, (1, 2, 0, 3), 2, 2, 16, 24), (1, 1, 0, 1, 1, 16, 72), (3, 1, 1, 1, 1, 24, 40),
+                                  (3, 1, 1, 1, 1, 12, 8)],
+                         ids=["3x3s2-dil2-asym-g2", "1x1-cout72", "3x3-cin24", "3x3-cin12"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_channels_last_cp_async_path(emu, dtype, geom):
+    """channels_last x with C_in / groups a multiple of 16 bytes: x reaches shared memory by 16-byte cp.async
+    into two stages, in the forward and in the backward's recompute (the emulator checks every copy against
+    x's span, and lands it at the latest moment the wait allows). C_in / groups = 12 takes it in fp32 only."""
+    t, conf, pad4, shape = _make(geom, 3, True, True, dtype, seed=4)
+    emu.reset_stats()
+    out = emu.fwd(*_emu_args(t, conf, pad4))
+    cin_g = geom[5] // geom[4]
+    assert emu.stats()["max_smem"] == SMEM[dtype, cin_g * t["x"].element_size() % 16 == 0]
+    ref32 = conv2d_fused_ref(*(t[k].float() for k in ("x", "weight", "bias")), scale=t["scale"].float(),
+                             shift=t["shift"].float(), residual=t["residual"].float(), **conf)
+    err = _max_err(out, ref32)
+    assert err <= (1e-4 if dtype == torch.float32 else 2 * _max_err(_torch_low(t, conf, pad4), ref32)), err
+    _check_backward(emu, t, conf, pad4, dtype)
+
+
 def test_backward_deterministic_and_race_free_under_any_schedule(emu):
     """Fixed-order reductions, no atomics: bitwise the same gradients whatever order the emulator runs the
     threads in (and the race checker sees each order)."""

@@ -1,6 +1,7 @@
 // Python module of the emulated CUDA fused conv2d: the real binding's functions (csrc/conv/conv_cuda.cpp,
 // compiled against the stub CUDA headers of include/) on CPU tensors, the kernels (conv_kernel.cuh,
-// conv_bwd_kernel.cuh) run by the emulator, which checks every shared-memory access for races and bounds.
+// conv_bwd_kernel.cuh) run by the emulator, which checks every shared-memory access for races and bounds,
+// and the cp.async reads of x against x's span.
 #include <torch/extension.h>
 
 #include "conv/conv_ops.h"
@@ -13,6 +14,19 @@ Tensor conv2d_fused_cuda(const Tensor&, const Tensor&, const OptTensor&, c10::In
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv2d_fused_backward_cuda(
     const Tensor&, const Tensor&, const Tensor&, const OptTensor&, c10::IntArrayRef, c10::IntArrayRef,
     c10::IntArrayRef, int64_t, const OptTensor&, const OptTensor&, c10::string_view, double, const OptTensor&);
+
+// The global memory the conv kernels' cp.async may read: x, the span its strides cover.
+void emu_register_ranges(const Conv2dParams& p) {
+  const int64_t sizes[4] = {p.batch, p.in_channels, p.in_h, p.in_w};
+  int64_t lo = 0, hi = 0;
+  for (int i = 0; i < 4; ++i) {
+    if (sizes[i] == 0) return;
+    (p.x_stride[i] >= 0 ? hi : lo) += (sizes[i] - 1) * p.x_stride[i];
+  }
+  const int64_t elem = p.input_dtype == DType::kFloat32 ? 4 : p.input_dtype == DType::kFloat64 ? 8 : 2;
+  emu::add_read_range(static_cast<const char*>(p.x) + lo * elem, static_cast<size_t>((hi - lo + 1) * elem));
+}
+
 }  // namespace fastdl::conv
 
 namespace {
@@ -56,5 +70,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd);
   m.def("bwd", &bwd);
   m.def("stats", &stats);
+  m.def("reset_stats", [] { emu::stats() = emu::Stats{}; });
   m.def("set_schedule", &emu::set_schedule, "thread visit order: 0 ascending, 1 descending, 2 random");
 }

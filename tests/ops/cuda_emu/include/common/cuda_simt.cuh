@@ -11,6 +11,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #include "emu_builtins.h"
 #include "emu_runtime.h"
@@ -45,12 +47,25 @@ inline float shfl_xor(float v, int lane_mask) { return emu::shfl_xor(v, lane_mas
 
 inline void atomic_add(float* p, float v) { *p += v; }
 
-// Registers nothing: these kernels' global accesses are plain pointers, not checked by the emulator.
+namespace emu_detail {
+template <typename A, typename = void>
+struct has_ranges : std::false_type {};
+template <typename A>
+struct has_ranges<A, std::void_t<decltype(emu_register_ranges(std::declval<const A&>()))>> : std::true_type {};
+}  // namespace emu_detail
+
+// These kernels' plain-pointer global accesses are not checked by the emulator. Kernels that also use
+// flash_ptx.cuh's cp.async (the conv kernels) have their global reads checked: the glue defines an
+// emu_register_ranges(const Args&) found by argument-dependent lookup, called here before each launch.
 template <typename Args>
 cudaError_t launch_kernel(void (*kernel)(Args), dim3 grid, int threads, int smem_bytes, cudaStream_t,
                           const Args& args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   if (smem_bytes > 99 * 1024) return cudaErrorInvalidValue;  // what sm_86/89 allow a block
+  if constexpr (emu_detail::has_ranges<Args>::value) {
+    emu::clear_ranges();
+    emu_register_ranges(args);
+  }
   emu::launch([&] { kernel(args); }, grid, threads, smem_bytes);
   return cudaSuccess;
 }
