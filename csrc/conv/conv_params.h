@@ -42,7 +42,8 @@ struct Conv2dParams {
   int64_t out_stride_n = 0, out_stride_c = 0, out_stride_p = 0;
 };
 
-// Backward: every gradient in one pass over output tiles (see conv_cpu.cpp).
+// Backward. The CPU kernel makes one pass over output tiles (conv_cpu.cpp); the CUDA one runs a few
+// kernels (conv_bwd_kernel.cuh) through the fp32 workspace at the end of this struct.
 struct Conv2dBwdParams : Conv2dParams {
   const void* dout = nullptr;  // [N, Cout, OH, OW], pixel order as out
   int64_t dout_stride_n = 0, dout_stride_c = 0, dout_stride_p = 0;
@@ -54,6 +55,12 @@ struct Conv2dBwdParams : Conv2dParams {
   void* dweight = nullptr;  // [Cout, Cin / groups, KH, KW]
   void* dscale = nullptr;   // [Cout]: sum over (n, p) of g * pre
   void* dshift = nullptr;   // [Cout]: sum over (n, p) of g; also dbias
+  // CUDA only: fp32 workspace, laid out by set_conv2d_bwd_workspace (conv_launch.h); unused on the CPU.
+  float* ws_pre = nullptr;    // [N * OH * OW, Cout]: the recomputed conv (before scale)
+  float* ws_stats = nullptr;  // [stat_chunks, 2, Cout]: per-chunk sums of g * pre and of g
+  float* ws_dw = nullptr;     // [wgrad_splits, Cout, KH * KW * Cin_g]: per-split dweight, k = (kh, kw, ci)
+  int64_t stat_chunks = 0, stat_rows = 0;      // pixel chunks of the dscale / dshift reduction, rows per chunk
+  int64_t wgrad_splits = 0, wgrad_pixels = 0;  // split-K of the dweight GEMM, pixels per split
 };
 
 }  // namespace fastdl::conv

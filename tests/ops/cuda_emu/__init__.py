@@ -4,7 +4,7 @@ The module has fwd / varlen_fwd / bwd / varlen_bwd with the signatures of the fo
 real CUDA binding on CPU tensors, plus stats() and set_schedule(). Building takes a few minutes on two cores
 (the host compiler sees every kernel instantiation); the result is cached under build/cuda-emu.
 load_simt_emu builds the selective scan, causal conv1d and RNN cell kernels the same way (a minute or two),
-cached under build/cuda-emu-simt.
+cached under build/cuda-emu-simt; load_conv_emu the fused conv2d kernels, under build/cuda-emu-conv.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ SIMT_SOURCES = ["emu_runtime.cpp", "simt_glue.cpp", "kernels_scan_fwd.cpp", "ker
 SIMT_BINDINGS = ["csrc/selective_scan/selective_scan_cuda.cpp", "csrc/causal_conv1d/causal_conv1d_cuda.cpp",
                  "csrc/lstm/lstm_cuda.cpp"]
 
+CONV_SOURCES = ["emu_runtime.cpp", "conv_glue.cpp", "kernels_conv2d_fwd.cpp", "kernels_conv2d_bwd.cpp"]
+
 
 def load_flash_emu(verbose: bool = False):
     return _load("fastdl_flash_emu", SOURCES, ["csrc/flash_attn/flash_attn_cuda.cpp"], "cuda-emu", verbose)
@@ -33,6 +35,13 @@ def load_simt_emu(verbose: bool = False):
     (rnn_layer, rnn_layer_backward, lstm_cell, ...: the layer's GEMMs are torch's on the CPU), with the
     signatures of the fastdl ops."""
     return _load("fastdl_simt_emu", SIMT_SOURCES, SIMT_BINDINGS, "cuda-emu-simt", verbose)
+
+
+def load_conv_emu(verbose: bool = False):
+    """The fused conv2d kernels (conv_kernel.cuh, conv_bwd_kernel.cuh: mma.sync through flash_ptx.cuh, shared
+    memory through common/cuda_simt.cuh) on the emulator, through the real binding csrc/conv/conv_cuda.cpp:
+    fwd / bwd with the argument order of fastdl::conv2d_fused / conv2d_fused_backward (padding as 4 ints)."""
+    return _load("fastdl_conv_emu", CONV_SOURCES, ["csrc/conv/conv_cuda.cpp"], "cuda-emu-conv", verbose)
 
 
 def _load(name: str, sources: list, bindings: list, build: str, verbose: bool):

@@ -1,6 +1,6 @@
 // The emulator's csrc/common/cuda_simt.cuh: the same primitives, executed by emu_runtime on the host,
-// plus the CUDA built-ins the kernels use (threadIdx, __syncthreads, ...), since the host compiler
-// builds the kernels here. Shared loads and stores are checked for races and bounds; shuffles are warp
+// plus the CUDA built-ins the kernels use (threadIdx, __syncthreads, ...: in emu_builtins.h), since the
+// host compiler builds the kernels here. Shared loads and stores are checked for races and bounds; shuffles are warp
 // collectives; atomics are plain adds (the threads of the emulator are cooperative fibers, switched only
 // at collectives). A primitive added to the real header needs its twin here.
 #pragma once
@@ -11,19 +11,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
+#include "emu_builtins.h"
 #include "emu_runtime.h"
-
-#ifndef __launch_bounds__
-#define __launch_bounds__(...)
-#endif
-
-#define threadIdx (::emu::thread_idx())
-#define blockIdx (::emu::block_idx())
-#define blockDim (::emu::block_dim())
-#define gridDim (::emu::grid_dim())
-
-inline void __syncthreads() { emu::sync_threads(); }
 
 namespace fastdl::cuda {
 
@@ -55,12 +47,25 @@ inline float shfl_xor(float v, int lane_mask) { return emu::shfl_xor(v, lane_mas
 
 inline void atomic_add(float* p, float v) { *p += v; }
 
-// Registers nothing: these kernels' global accesses are plain pointers, not checked by the emulator.
+namespace emu_detail {
+template <typename A, typename = void>
+struct has_ranges : std::false_type {};
+template <typename A>
+struct has_ranges<A, std::void_t<decltype(emu_register_ranges(std::declval<const A&>()))>> : std::true_type {};
+}  // namespace emu_detail
+
+// These kernels' plain-pointer global accesses are not checked by the emulator. Kernels that also use
+// flash_ptx.cuh's cp.async (the conv kernels) have their global reads checked: the glue defines an
+// emu_register_ranges(const Args&) found by argument-dependent lookup, called here before each launch.
 template <typename Args>
 cudaError_t launch_kernel(void (*kernel)(Args), dim3 grid, int threads, int smem_bytes, cudaStream_t,
                           const Args& args) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   if (smem_bytes > 99 * 1024) return cudaErrorInvalidValue;  // what sm_86/89 allow a block
+  if constexpr (emu_detail::has_ranges<Args>::value) {
+    emu::clear_ranges();
+    emu_register_ranges(args);
+  }
   emu::launch([&] { kernel(args); }, grid, threads, smem_bytes);
   return cudaSuccess;
 }

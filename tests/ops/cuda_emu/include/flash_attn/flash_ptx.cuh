@@ -1,6 +1,7 @@
 // The emulator's csrc/flash_attn/flash_ptx.cuh: the same functions, executed by emu_runtime on the
-// host, plus the CUDA built-ins the kernels use (threadIdx, __syncthreads, __shfl_xor_sync, ...),
-// since the host compiler builds the kernels here. Found before the real header because this
+// host, plus the CUDA built-ins the kernels use (threadIdx, __syncthreads, __shfl_xor_sync, ...: in
+// emu_builtins.h), since the host compiler builds the kernels here. The conv kernels use its ldmatrix
+// and mma too. Found before the real header because this
 // include/ directory comes first on the include path (the kernels include "flash_attn/flash_ptx.cuh").
 // A primitive added to the real header needs its twin here.
 #pragma once
@@ -14,24 +15,12 @@
 #include <cstring>
 #include <type_traits>
 
+#include "emu_builtins.h"
 #include "emu_runtime.h"
 #include "flash_attn/flash_attn_params.h"
 
-#ifndef __launch_bounds__
-#define __launch_bounds__(...)
-#endif
-
 using std::max;
 using std::min;
-
-#define threadIdx (::emu::thread_idx())
-#define blockIdx (::emu::block_idx())
-#define blockDim (::emu::block_dim())
-#define gridDim (::emu::grid_dim())
-
-inline void __syncthreads() { emu::sync_threads(); }
-inline void __syncwarp(unsigned = 0xffffffffu) { emu::sync_warp(); }
-inline float __shfl_xor_sync(unsigned, float v, int lane_mask) { return emu::shfl_xor(v, lane_mask); }
 
 namespace fastdl::flash_attn {
 
