@@ -17,18 +17,6 @@ namespace fastdl::conv {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-inline DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kHalf: return DType::kFloat16;
-    default: TORCH_CHECK(false, "conv2d_fused: unsupported dtype ", t);
-  }
-}
-
-inline at::ScalarType math_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 inline Activation parse_activation(const std::string& a) {
   if (a == "none") return Activation::kNone;
   if (a == "relu") return Activation::kRelu;
@@ -140,7 +128,7 @@ inline void set_conv_params(Conv2dParams& p, const Tensor& x, const Tensor& weig
   p.stride_h = stride[0], p.stride_w = stride[1], p.dilation_h = dilation[0], p.dilation_w = dilation[1];
   p.pad_top = padding[0], p.pad_left = padding[2];
   p.act = parse_activation(activation), p.slope = static_cast<float>(slope);
-  p.input_dtype = to_dtype(x.scalar_type());
+  p.input_dtype = to_dtype(x.scalar_type(), "conv2d_fused", "x");
   p.x = x.data_ptr();
   for (int i = 0; i < 4; ++i) p.x_stride[i] = x.stride(i);
   p.weight = weight.data_ptr();

@@ -10,10 +10,9 @@
 #pragma once
 #include <cstdint>
 
-namespace fastdl::conv {
+#include "common/dtype.h"
 
-// Storage dtype of a tensor. Math is fp32 (fp64 for fp64 inputs).
-enum class DType : int { kFloat32 = 0, kFloat64, kBFloat16, kFloat16 };
+namespace fastdl::conv {
 
 // The epilogue's activation; kLeakyRelu reads `slope`.
 enum class Activation : int { kNone = 0, kRelu, kLeakyRelu, kSilu, kGelu, kSigmoid, kTanh };
