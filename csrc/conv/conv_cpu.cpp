@@ -186,8 +186,8 @@ inline void act_switch(Activation a, F&& f) {
 #if FASTDL_RNN_BRGEMM
 // store(j, column j, row mask) for the columns j < cols of src[i * lds + j], i < rows (both <= 16): a 16 x 16
 // register transpose (unpack ps, unpack pd, two 128-bit lane shuffles: 64 shuffles for 256 values), masked
-// loads at the edges. transpose16: dst[j * ldd + i] = src[i * lds + j]. Inline: torch's transpose_mxn_16x16 is an out-of-line call with a check per block, and was 16%
-// of the 56x56x64 forward in perf.
+// loads at the edges. transpose16: dst[j * ldd + i] = src[i * lds + j]. Inline: torch's transpose_mxn_16x16
+// is an out-of-line call with a check per block, and was 16% of the 56x56x64 forward in perf.
 template <typename Store>
 inline void transpose16_to(const float* src, int64_t lds, int rows, int cols, Store&& store) {
   __m512 r[16], t[16];
@@ -231,6 +231,20 @@ inline void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, in
     for (int64_t j = 0; j < cols; j += 16)
       transpose16(src + i * lds + j, lds, dst + j * ldd + i, ldd, int(std::min<int64_t>(16, rows - i)),
                   int(std::min<int64_t>(16, cols - j)));
+}
+#endif
+
+#if FASTDL_RNN_BRGEMM
+// Per-thread scratch buffers of the nhwc path that keep their pages between calls, 64-byte aligned. Fresh
+// allocations per call cost more than the work they hold: the 9.4 MB of weight panels of 7x7x512 3x3 took
+// ~1.1 ms a call in page faults and first touches, packing them takes 0.28 ms (one thread). A buffer grows
+// to the largest request its thread has seen and is kept until the thread exits.
+enum Scratch : int { kPanels = 0, kImage, kCol, kTile, kScratchSlots };
+inline float* scratch(Scratch slot, int64_t n) {
+  static thread_local std::vector<float> bufs[kScratchSlots];
+  std::vector<float>& b = bufs[slot];
+  if (int64_t(b.size()) < n + 16) b.resize(n + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b.data()) + 63) & ~uintptr_t(63));
 }
 #endif
 
@@ -593,10 +607,9 @@ struct Conv {
   // wc[g, j, k, o] = w[g * Cout_g + j * Nb + o, ci, kh, kw] with k = (kh * KW + kw) * Cin_g + ci, zero for
   // o past Cout_g: per group, column block j of Nb output channels is a row-major [K, Nb] brgemm B operand
   // whose rows [tap * Cin_g, (tap + 1) * Cin_g) are one tap's [Cin_g, Nb] weights.
-  at::Tensor pack_w_nhwc() const {
+  const float* pack_w_nhwc() const {
     const int64_t taps = p.kernel_h * p.kernel_w, ncb = (cout_g + Nb - 1) / Nb, nob = Nb / 16;
-    at::Tensor wc_t = at::empty({p.groups * ncb * K * Nb}, at::kFloat);  // 64-byte aligned
-    float* wc = wc_t.data_ptr<float>();
+    float* wc = scratch(kPanels, p.groups * ncb * K * Nb);  // the calling thread's
     // Items of 16 output channels: per input channel, the [16, taps] block of w (row stride K) is transposed in
     // registers into the 64-byte pieces of taps panel rows. Element by element the 9.4 MB of 7x7x512 3x3 took
     // ~2 ms, now ~1.1 (one thread; a plain copy of as many bytes takes 0.2, the 16 x 16 transposes' shuffles
@@ -615,7 +628,7 @@ struct Conv {
         for (int64_t ci = 0; ci < cin_g; ++ci) transpose(src + ci * taps, K, dst + ci * Nb, cin_g * Nb, rows, taps);
       }
     });
-    return wc_t;
+    return wc;
   }
 
   // Epilogue of an nhwc tile ct [M pixels, nbc channels] (row stride ldc) of image n: pixels pix0 .. pix0 + M,
@@ -631,18 +644,21 @@ struct Conv {
         float* v = ct + i * ldc;
         for (int64_t j = 0; j < nbc; j += Vec<float>::size()) {
           const int64_t k = std::min<int64_t>(Vec<float>::size(), nbc - j);
-          const Vec<float> z = at::vec::fmadd(vload(v + j, k), vload(s.data() + c0 + j, k), vload(t.data() + c0 + j, k));
+          const Vec<float> z =
+              at::vec::fmadd(vload(v + j, k), vload(s.data() + c0 + j, k), vload(t.data() + c0 + j, k));
           vstore(act_fwd<A>(z, slope), v + j, k);
         }
       }
-      transpose(ct, ldc, static_cast<float*>(p.out) + n * p.out_stride_n + c0 * p.out_stride_c + pix0, p.out_stride_c, M,
-                nbc);
+      float* out = static_cast<float*>(p.out) + n * p.out_stride_n + c0 * p.out_stride_c + pix0;
+      transpose(ct, ldc, out, p.out_stride_c, M, nbc);
       return;
     }
     if (p.out_stride_c == 1 && (!p.residual || p.res_stride_c == 1)) {
       for (int64_t i = 0; i < M; ++i) {
         float* v = ct + i * ldc;
-        if (p.residual) load(p.residual, p.input_dtype, n * p.res_stride_n + c0 + (pix0 + i) * p.res_stride_p, 1, nbc, rbuf);
+        if (p.residual) {
+          load(p.residual, p.input_dtype, n * p.res_stride_n + c0 + (pix0 + i) * p.res_stride_p, 1, nbc, rbuf);
+        }
         for (int64_t j = 0; j < nbc; j += Vec<float>::size()) {
           const int64_t k = std::min<int64_t>(Vec<float>::size(), nbc - j);
           Vec<float> z = at::vec::fmadd(vload(v + j, k), vload(s.data() + c0 + j, k), vload(t.data() + c0 + j, k));
@@ -669,8 +685,7 @@ struct Conv {
   //  - gathered (OW < 12, the 7x7 stage, where M = OW would be too short for brgemm): see forward_gathered.
   template <Activation A>
   void forward_nhwc() const {
-    const at::Tensor wc_t = pack_w_nhwc();
-    const float* wc = wc_t.data_ptr<float>();
+    const float* wc = pack_w_nhwc();
     if (p.out_w < 12) return forward_gathered<A>(wc);
     const int64_t C = p.in_channels, OH = p.out_h, OW = p.out_w, KW = p.kernel_w, taps = p.kernel_h * KW;
     const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
@@ -684,19 +699,20 @@ struct Conv {
     const int64_t R = std::clamp<int64_t>(64 / OW, 1, OH), nrb = (OH + R - 1) / R, mt = R * OW;
     const int64_t per_image = p.groups * ncb * nrb;
     at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> ct(mt * Nb), acc(mt * Nb), rbuf(std::max(mt, Nb));
-      std::unique_ptr<float[]> xi(new float[Hx * Wx * C]);
+      float* const xi = scratch(kImage, Hx * Wx * C);
+      float* const ct = scratch(kTile, 2 * mt * Nb + std::max(mt, Nb));
+      float *const acc = ct + mt * Nb, *const rbuf = acc + mt * Nb;
       int64_t xi_n = -1;  // the image in xi
       for (int64_t item = begin; item < end; ++item) {
         // (n, g, j, rb): a weight panel serves all row blocks of an image in a row.
         const int64_t n = item / per_image, gj = item % per_image / nrb, rb = item % nrb;
         const int64_t g = gj / ncb, j = gj % ncb;
-        if (n != xi_n) pack_image(n, xi.get()), xi_n = n;
+        if (n != xi_n) pack_image(n, xi), xi_n = n;
         const int64_t oh0 = rb * R, nr = std::min(R, OH - oh0), nbc = std::min(Nb, cout_g - j * Nb);
         const float* B = wc + gj * K * Nb;
-        const float* xg = xi.get() + g * cin_g;
+        const float* xg = xi + g * cin_g;
         for (int64_t r = 0; r < nr; ++r) {
-          float* cr = ct.data() + r * OW * Nb;
+          float* cr = ct + r * OW * Nb;
           if (merge_kw) {
             for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
               const float* a = xg + ((oh0 + r) * sh + kh * dh) * Wx * C;
@@ -712,7 +728,7 @@ struct Conv {
                                         /*is_vnni=*/false);
           }
         }
-        epilogue_tile<A>(ct.data(), nr * OW, nbc, Nb, g * cout_g + j * Nb, n, oh0 * OW, acc.data(), rbuf.data());
+        epilogue_tile<A>(ct, nr * OW, nbc, Nb, g * cout_g + j * Nb, n, oh0 * OW, acc, rbuf);
       }
       at::native::cpublas::brgemm_release(/*is_vnni=*/false);
     });
@@ -738,8 +754,10 @@ struct Conv {
     const int64_t ngroups = (units + per_group - 1) / per_group, mmax = per_group * R * OW;
     constexpr int64_t kChunk = 512;
     at::parallel_for(0, p.groups * ngroups, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> col(mmax * K), ct(mmax * ldc), acc(mmax * Nb), rbuf(std::max(mmax, Nb));
-      std::unique_ptr<float[]> xi(new float[Hx * Wx * C]);
+      float* const xi = scratch(kImage, Hx * Wx * C);
+      float* const col = scratch(kCol, mmax * K);
+      float* const ct = scratch(kTile, mmax * ldc + mmax * Nb + std::max(mmax, Nb));
+      float *const acc = ct + mmax * ldc, *const rbuf = acc + mmax * Nb;
       int64_t xi_n = -1;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / ngroups, u0 = item % ngroups * per_group, u1 = std::min(units, u0 + per_group);
@@ -747,11 +765,11 @@ struct Conv {
         int64_t M = 0;
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t n = u / nrb, oh0 = u % nrb * R, nr = std::min(R, OH - oh0);
-          if (n != xi_n) pack_image(n, xi.get()), xi_n = n;
-          const float* xg = xi.get() + g * cin_g;
+          if (n != xi_n) pack_image(n, xi), xi_n = n;
+          const float* xg = xi + g * cin_g;
           for (int64_t oh = oh0; oh < oh0 + nr; ++oh)
             for (int64_t ow = 0; ow < OW; ++ow, ++M) {
-              float* dst = col.data() + M * K;
+              float* dst = col + M * K;
               for (int64_t tap = 0; tap < taps; ++tap) {
                 const int64_t kh = tap / KW, kw = tap % KW;
                 std::memcpy(dst + tap * cin_g, xg + ((oh * sh + kh * dh) * Wx + ow * sw + kw * dw) * C,
@@ -763,15 +781,15 @@ struct Conv {
         for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
           const int64_t kc = std::min(kChunk, K - k0);
           for (int64_t j = 0; j < ncb; ++j)
-            at::native::cpublas::brgemm(M, std::min(Nb, cout_g - j * Nb), kc, K, Nb, ldc, k0 > 0, col.data() + k0,
-                                        Bg + (j * K + k0) * Nb, ct.data() + j * Nb, /*is_vnni=*/false);
+            at::native::cpublas::brgemm(M, std::min(Nb, cout_g - j * Nb), kc, K, Nb, ldc, k0 > 0, col + k0,
+                                        Bg + (j * K + k0) * Nb, ct + j * Nb, /*is_vnni=*/false);
         }
         int64_t m = 0;
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t n = u / nrb, oh0 = u % nrb * R, cnt = std::min(R, OH - oh0) * OW;
           for (int64_t j = 0; j < ncb; ++j)
-            epilogue_tile<A>(ct.data() + m * ldc + j * Nb, cnt, std::min(Nb, cout_g - j * Nb), ldc,
-                             g * cout_g + j * Nb, n, oh0 * OW, acc.data(), rbuf.data());
+            epilogue_tile<A>(ct + m * ldc + j * Nb, cnt, std::min(Nb, cout_g - j * Nb), ldc,
+                             g * cout_g + j * Nb, n, oh0 * OW, acc, rbuf);
           m += cnt;
         }
       }
