@@ -734,54 +734,60 @@ struct Conv {
     });
   }
 
-  // Narrow outputs (OW < 12): a group of images is gathered into col [M, K] (M = its pixels, one memcpy of
-  // Cin_g floats per pixel and tap from the packed image) and runs as one GEMM against all the panels, K chunk
-  // outer: a [M, 512] chunk of col and the [M, Cout_g] accumulator stay in L2 while the panels' [512, Nb]
-  // chunks stream past once per group. (Image by image with the panels outer, 7x7x512 3x3 streamed its 9.4 MB
-  // of weights from L3 once per image, 75 MB a call, and ran at ~190 GFLOP/s.) A group takes up to ~200 pixels
-  // (4 images at 7x7), fewer when that would leave a thread without one.
+  // Narrow outputs (OW < 12): the pixels of a group of images (4 at 7x7, M = 196) run as one GEMM against all
+  // the panels, K in chunks of 512 outermost: per chunk, col [M, 512] is gathered from the group's packed
+  // images (memcpy of runs of channels) and stays in L2 while every panel's [512, Nb] chunk streams past once
+  // into the [M, Cout_g] accumulator. (Image by image with the panels outer, 7x7x512 3x3 streamed its 9.4 MB
+  // of weights from L3 once per image, 75 MB a call, at ~190 GFLOP/s; the whole [M, K] col gathered first,
+  // 3.6 MB, went to L3 and back.) A group takes up to ~200 pixels, fewer when that would leave a thread
+  // without one; tall images go in blocks of rows.
   template <Activation A>
   void forward_gathered(const float* wc) const {
-    const int64_t C = p.in_channels, OH = p.out_h, OW = p.out_w, KW = p.kernel_w, taps = p.kernel_h * KW;
+    const int64_t C = p.in_channels, OH = p.out_h, OW = p.out_w, KW = p.kernel_w, plane = Hx * Wx * C;
     const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
     const int64_t ncb = (cout_g + Nb - 1) / Nb, ldc = ncb * Nb, threads = at::get_num_threads();
-    // Rows per group member: whole images when they are small, else blocks of rows; col within ~8 MB.
-    const int64_t mcap = std::clamp<int64_t>((int64_t(2) << 20) / K, 1, 200);
-    const int64_t R = std::clamp<int64_t>(mcap / OW, 1, OH), nrb = (OH + R - 1) / R;
+    constexpr int64_t kMaxPix = 200, kChunk = 512;
+    const int64_t R = std::clamp<int64_t>(kMaxPix / OW, 1, OH), nrb = (OH + R - 1) / R;
     const int64_t units = p.batch * nrb;  // (n, rb) pairs
     const int64_t per_group =
-        std::max<int64_t>(1, std::min<int64_t>(nrb == 1 ? mcap / ohw : 1, (units + threads - 1) / threads));
+        std::max<int64_t>(1, std::min<int64_t>(nrb == 1 ? kMaxPix / ohw : 1, (units + threads - 1) / threads));
     const int64_t ngroups = (units + per_group - 1) / per_group, mmax = per_group * R * OW;
-    constexpr int64_t kChunk = 512;
+    const int64_t max_images = nrb == 1 ? per_group : 1;
     at::parallel_for(0, p.groups * ngroups, 1, [&](int64_t begin, int64_t end) {
-      float* const xi = scratch(kImage, Hx * Wx * C);
-      float* const col = scratch(kCol, mmax * K);
+      float* const xs = scratch(kImage, max_images * plane);
+      float* const col = scratch(kCol, mmax * std::min(kChunk, K));
       float* const ct = scratch(kTile, mmax * ldc + mmax * Nb + std::max(mmax, Nb));
       float *const acc = ct + mmax * ldc, *const rbuf = acc + mmax * Nb;
-      int64_t xi_n = -1;
+      std::vector<const float*> src(mmax);  // per pixel of the group: its input pixel at tap 0 in xs
+      int64_t n_lo = -1, n_hi = -1;         // the images in xs
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / ngroups, u0 = item % ngroups * per_group, u1 = std::min(units, u0 + per_group);
-        // Gather: unit u = (n, rb) fills rows [m, m + nr * OW) of col.
+        const int64_t n0 = u0 / nrb, n1 = (u1 - 1) / nrb + 1;
+        if (n0 != n_lo || n1 != n_hi) {
+          for (int64_t n = n0; n < n1; ++n) pack_image(n, xs + (n - n0) * plane);
+          n_lo = n0, n_hi = n1;
+        }
         int64_t M = 0;
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t n = u / nrb, oh0 = u % nrb * R, nr = std::min(R, OH - oh0);
-          if (n != xi_n) pack_image(n, xi), xi_n = n;
-          const float* xg = xi + g * cin_g;
+          const float* xn = xs + (n - n0) * plane + g * cin_g;
           for (int64_t oh = oh0; oh < oh0 + nr; ++oh)
-            for (int64_t ow = 0; ow < OW; ++ow, ++M) {
-              float* dst = col + M * K;
-              for (int64_t tap = 0; tap < taps; ++tap) {
-                const int64_t kh = tap / KW, kw = tap % KW;
-                std::memcpy(dst + tap * cin_g, xg + ((oh * sh + kh * dh) * Wx + ow * sw + kw * dw) * C,
-                            cin_g * sizeof(float));
-              }
-            }
+            for (int64_t ow = 0; ow < OW; ++ow) src[M++] = xn + (oh * sh * Wx + ow * sw) * C;
         }
         const float* Bg = wc + g * ncb * K * Nb;
         for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
           const int64_t kc = std::min(kChunk, K - k0);
+          // col[m, k - k0] for k = tap * Cin_g + ci in [k0, k0 + kc): runs of channels of one tap.
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t k = k0; k < k0 + kc;) {
+              const int64_t tap = k / cin_g, ci = k % cin_g, len = std::min(cin_g - ci, k0 + kc - k);
+              const float* x_tap = src[m] + ((tap / KW) * dh * Wx + (tap % KW) * dw) * C + ci;
+              std::memcpy(col + m * kc + (k - k0), x_tap, len * sizeof(float));
+              k += len;
+            }
+          }
           for (int64_t j = 0; j < ncb; ++j)
-            at::native::cpublas::brgemm(M, std::min(Nb, cout_g - j * Nb), kc, K, Nb, ldc, k0 > 0, col + k0,
+            at::native::cpublas::brgemm(M, std::min(Nb, cout_g - j * Nb), kc, kc, Nb, ldc, k0 > 0, col,
                                         Bg + (j * K + k0) * Nb, ct + j * Nb, /*is_vnni=*/false);
         }
         int64_t m = 0;
