@@ -43,7 +43,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "common/cpu_utils.h"
@@ -235,11 +237,10 @@ inline void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, in
 #endif
 
 #if FASTDL_RNN_BRGEMM
-// Per-thread scratch buffers of the nhwc path that keep their pages between calls, 64-byte aligned. Fresh
-// allocations per call cost more than the work they hold: the 9.4 MB of weight panels of 7x7x512 3x3 took
-// ~1.1 ms a call in page faults and first touches, packing them takes 0.28 ms (one thread). A buffer grows
-// to the largest request its thread has seen and is kept until the thread exits.
-enum Scratch : int { kPanels = 0, kImage, kCol, kTile, kScratchSlots };
+// Per-thread scratch buffers of the nhwc path (weight panels, col chunks, tiles), 64-byte aligned, kept
+// between calls so that their pages are touched once. A buffer grows to the largest request its thread has
+// seen and is kept until the thread exits.
+enum Scratch : int { kPanels = 0, kCol, kTile, kScratchSlots };
 inline float* scratch(Scratch slot, int64_t n) {
   static thread_local std::vector<float> bufs[kScratchSlots];
   std::vector<float>& b = bufs[slot];
@@ -604,6 +605,37 @@ struct Conv {
     }
   }
 
+  // The batch's packed images, [N, Hx, Wx, Cin], one buffer per call. Each image is packed by the first thread
+  // that needs it, right before that thread's items on it (so it is still in that core's L2); a thread that
+  // needs an image another one is packing waits for it. One batch-sized buffer per call rather than a cached
+  // per-thread one: like the flat path's xpad before it, it keeps glibc's mmap threshold above the output's
+  // size. With only cached buffers every 6.4 MB output of 56x56x64 became a fresh mmap again when run
+  // interleaved with eager torch (1536 page faults per call, eager's calls 4672; 879 and 364 with the flat
+  // path), ~1.3 ms more per call on two threads.
+  struct PackedImages {
+    int64_t plane;
+    std::unique_ptr<float[]> data;
+    std::unique_ptr<std::atomic<int>[]> state;  // 0 not packed, 1 being packed, 2 ready
+  };
+  PackedImages packed_images() const {
+    const int64_t plane = Hx * Wx * p.in_channels;
+    return {plane, std::unique_ptr<float[]>(new float[p.batch * plane]),
+            std::unique_ptr<std::atomic<int>[]>(new std::atomic<int>[p.batch]())};
+  }
+  const float* image(PackedImages& pk, int64_t n) const {
+    float* xi = pk.data.get() + n * pk.plane;
+    std::atomic<int>& st = pk.state[n];
+    if (st.load(std::memory_order_acquire) == 2) return xi;
+    int expected = 0;
+    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      pack_image(n, xi);
+      st.store(2, std::memory_order_release);
+    } else {
+      while (st.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+    }
+    return xi;
+  }
+
   // wc[g, j, k, o] = w[g * Cout_g + j * Nb + o, ci, kh, kw] with k = (kh * KW + kw) * Cin_g + ci, zero for
   // o past Cout_g: per group, column block j of Nb output channels is a row-major [K, Nb] brgemm B operand
   // whose rows [tap * Cin_g, (tap + 1) * Cin_g) are one tap's [Cin_g, Nb] weights.
@@ -675,9 +707,9 @@ struct Conv {
 
   // The fp32 forward on channels-last tiles: C[pixels, Cout] = X^T W^T, against the weights packed once per
   // call into [K, Nb] column-block panels (pack_w_nhwc). Each image is packed channels-last and zero-padded
-  // (pack_image) by the thread that takes its first item, into a buffer that stays in its L2 (0.9 MB at
-  // 56x56x64). Two schedules, both image-major and deterministic (each output element is computed by one
-  // thread in a fixed order):
+  // (pack_image) by the first thread that needs it, right before its items, so that it is in that core's L2
+  // (0.9 MB at 56x56x64; see packed_images). Two schedules, both image-major and deterministic (each output
+  // element is computed by one thread in a fixed order):
   //  - rows (OW >= 12): the input pixels one kernel tap reads for one output row are a row-major [OW, Cin_g]
   //    matrix of the packed image (row stride sw * Cin: no copy, no wasted columns); against the tap's
   //    [Cin_g, Nb] panel rows that is one brgemm call (M = OW pixels, N = Nb channels) accumulating into an
@@ -698,16 +730,15 @@ struct Conv {
     // Row block: about 64 pixels, a 16 KB tile at Nb = 64.
     const int64_t R = std::clamp<int64_t>(64 / OW, 1, OH), nrb = (OH + R - 1) / R, mt = R * OW;
     const int64_t per_image = p.groups * ncb * nrb;
+    PackedImages pk = packed_images();
     at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
-      float* const xi = scratch(kImage, Hx * Wx * C);
       float* const ct = scratch(kTile, 2 * mt * Nb + std::max(mt, Nb));
       float *const acc = ct + mt * Nb, *const rbuf = acc + mt * Nb;
-      int64_t xi_n = -1;  // the image in xi
       for (int64_t item = begin; item < end; ++item) {
         // (n, g, j, rb): a weight panel serves all row blocks of an image in a row.
         const int64_t n = item / per_image, gj = item % per_image / nrb, rb = item % nrb;
         const int64_t g = gj / ncb, j = gj % ncb;
-        if (n != xi_n) pack_image(n, xi), xi_n = n;
+        const float* xi = image(pk, n);
         const int64_t oh0 = rb * R, nr = std::min(R, OH - oh0), nbc = std::min(Nb, cout_g - j * Nb);
         const float* B = wc + gj * K * Nb;
         const float* xg = xi + g * cin_g;
@@ -752,25 +783,20 @@ struct Conv {
     const int64_t per_group =
         std::max<int64_t>(1, std::min<int64_t>(nrb == 1 ? kMaxPix / ohw : 1, (units + threads - 1) / threads));
     const int64_t ngroups = (units + per_group - 1) / per_group, mmax = per_group * R * OW;
-    const int64_t max_images = nrb == 1 ? per_group : 1;
+    PackedImages pk = packed_images();
     at::parallel_for(0, p.groups * ngroups, 1, [&](int64_t begin, int64_t end) {
-      float* const xs = scratch(kImage, max_images * plane);
       float* const col = scratch(kCol, mmax * std::min(kChunk, K));
       float* const ct = scratch(kTile, mmax * ldc + mmax * Nb + std::max(mmax, Nb));
       float *const acc = ct + mmax * ldc, *const rbuf = acc + mmax * Nb;
       std::vector<const float*> src(mmax);  // per pixel of the group: its input pixel at tap 0 in xs
-      int64_t n_lo = -1, n_hi = -1;         // the images in xs
       for (int64_t item = begin; item < end; ++item) {
         const int64_t g = item / ngroups, u0 = item % ngroups * per_group, u1 = std::min(units, u0 + per_group);
         const int64_t n0 = u0 / nrb, n1 = (u1 - 1) / nrb + 1;
-        if (n0 != n_lo || n1 != n_hi) {
-          for (int64_t n = n0; n < n1; ++n) pack_image(n, xs + (n - n0) * plane);
-          n_lo = n0, n_hi = n1;
-        }
+        for (int64_t n = n0; n < n1; ++n) image(pk, n);
         int64_t M = 0;
         for (int64_t u = u0; u < u1; ++u) {
           const int64_t n = u / nrb, oh0 = u % nrb * R, nr = std::min(R, OH - oh0);
-          const float* xn = xs + (n - n0) * plane + g * cin_g;
+          const float* xn = pk.data.get() + n * plane + g * cin_g;
           for (int64_t oh = oh0; oh < oh0 + nr; ++oh)
             for (int64_t ow = 0; ow < OW; ++ow) src[M++] = xn + (oh * sh * Wx + ow * sw) * C;
         }
