@@ -21,6 +21,16 @@
 // columns of each row are computed and dropped (4% of the work at 56x56, 29% at 7x7): cheaper than an
 // im2col that writes and re-reads KH * KW copies of the input.
 //
+// fp32 math (fp32, bf16, fp16 inputs) with >= 16 channels per group in and out, except the NCHW 1x1 / stride 1
+// case above, takes the channels-last forward instead (forward_nhwc): C[pixels, Cout] = X^T W^T on a
+// channels-last zero-padded copy of each image and the weights packed once per call into [K, 64] panels. One
+// output row's pixels at one kernel tap are then a plain strided matrix (no im2col, none of the flat layout's
+// Wp - OW wasted columns, any stride and dilation); brgemm runs M = OW pixels x N = 64 channels x K = Cin per
+// tap (per kernel row: KW * Cin, when undilated), and the epilogue transposes the hot tile back to NCHW.
+// Profile before it (one thread, N = 8, 2026-11-21): the brgemm micro-kernel runs these shapes at 220-230
+// GFLOP/s in cache; the flat path reached 173 at 28x28x128 3x3 (wasted columns, a serial per-call weight
+// reorder, a 1 KB-strided B at 14x14 that ran at 165) and the im2col path 143 at 7x7x512.
+//
 // The backward makes one pass over the same tiles: it regathers col, recomputes acc (one GEMM), and
 // in the GEMMs' prologue turns dout into g = dout * act'(pre-activation) and gz = g * scale, summing
 // dscale += g * acc and dshift += g on the way; then dW^T += col @ gz^T (into per-thread partials,
@@ -33,6 +43,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <atomic>
+#include <memory>
+#include <thread>
 #include <vector>
 
 #include "common/cpu_utils.h"
@@ -172,6 +185,70 @@ inline void act_switch(Activation a, F&& f) {
   }
 }
 
+#if FASTDL_RNN_BRGEMM
+// store(j, column j, row mask) for the columns j < cols of src[i * lds + j], i < rows (both <= 16): a 16 x 16
+// register transpose (unpack ps, unpack pd, two 128-bit lane shuffles: 64 shuffles for 256 values), masked
+// loads at the edges. transpose16: dst[j * ldd + i] = src[i * lds + j]. Inline: torch's transpose_mxn_16x16
+// is an out-of-line call with a check per block, and was 16% of the 56x56x64 forward in perf.
+template <typename Store>
+inline void transpose16_to(const float* src, int64_t lds, int rows, int cols, Store&& store) {
+  __m512 r[16], t[16];
+  const __mmask16 cm = cols >= 16 ? __mmask16(0xffff) : __mmask16((1u << cols) - 1);
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(cm, src + i * lds) : _mm512_setzero_ps();
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  const auto lo = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  const auto hi = [](__m512 a, __m512 b) {
+    return _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(a), _mm512_castps_pd(b)));
+  };
+  // r[4i + c], 128-bit lane L: column 4L + c of rows 4i .. 4i + 3
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = lo(t[4 * i], t[4 * i + 2]), r[4 * i + 1] = hi(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = lo(t[4 * i + 1], t[4 * i + 3]), r[4 * i + 3] = hi(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88), t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xdd);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88);
+    t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xdd);
+  }
+  for (int i = 0; i < 8; ++i) {  // r[j] = column j
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88), r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+  const __mmask16 rm = rows >= 16 ? __mmask16(0xffff) : __mmask16((1u << rows) - 1);
+  for (int j = 0; j < cols; ++j) store(j, r[j], rm);
+}
+
+inline void transpose16(const float* src, int64_t lds, float* dst, int64_t ldd, int rows, int cols) {
+  transpose16_to(src, lds, rows, cols,
+                 [&](int j, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(dst + j * ldd, m, v); });
+}
+
+// transpose16 over a [rows, cols] matrix of any size.
+inline void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, int64_t rows, int64_t cols) {
+  for (int64_t i = 0; i < rows; i += 16)
+    for (int64_t j = 0; j < cols; j += 16)
+      transpose16(src + i * lds + j, lds, dst + j * ldd + i, ldd, int(std::min<int64_t>(16, rows - i)),
+                  int(std::min<int64_t>(16, cols - j)));
+}
+#endif
+
+#if FASTDL_RNN_BRGEMM
+// Per-thread scratch buffers of the nhwc path (weight panels, col chunks, tiles), 64-byte aligned, kept
+// between calls so that their pages are touched once. A buffer grows to the largest request its thread has
+// seen and is kept until the thread exits.
+enum Scratch : int { kPanels = 0, kCol, kTile, kScratchSlots };
+inline float* scratch(Scratch slot, int64_t n) {
+  static thread_local std::vector<float> bufs[kScratchSlots];
+  std::vector<float>& b = bufs[slot];
+  if (int64_t(b.size()) < n + 16) b.resize(n + 16);
+  return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(b.data()) + 63) & ~uintptr_t(63));
+}
+#endif
+
 // ---- the tiled implicit GEMM ----------------------------------------------------------------------
 
 template <typename T>
@@ -184,6 +261,8 @@ struct Conv {
   bool direct_1x1;     // read col in place from an fp32 / fp64 NCHW x (see direct_col)
   bool flat = false;   // stride-1 forward from a padded copy of x, without im2col (see forward_flat)
   int64_t Hp = 0, Wp = 0;
+  bool nhwc = false;   // fp32 forward on a channels-last padded copy of x (see forward_nhwc)
+  int64_t Hx = 0, Wx = 0, Nb = 0;
 
   Conv(const Conv2dParams& p_, int64_t min_rows) : p(p_) {
     cin_g = p.in_channels / p.groups, cout_g = p.out_channels / p.groups;
@@ -233,7 +312,21 @@ struct Conv {
       Hp = p.out_h + (p.kernel_h - 1) * p.dilation_h;  // = H + top + bottom padding at stride 1
       Wp = p.out_w + (p.kernel_w - 1) * p.dilation_w;
     }
+#if FASTDL_RNN_BRGEMM
+    // fp32 math with at least 16 channels in and out per group: the channels-last path, any stride / dilation.
+    if constexpr (std::is_same_v<T, float>) {
+      if (!direct_1x1 && cin_g >= 16 && cout_g >= 16) {
+        nhwc = true, flat = false;
+        Hx = (p.out_h - 1) * p.stride_h + (p.kernel_h - 1) * p.dilation_h + 1;
+        Wx = (p.out_w - 1) * p.stride_w + (p.kernel_w - 1) * p.dilation_w + 1;
+        Nb = std::min<int64_t>(kNb, (cout_g + 15) / 16 * 16);
+      }
+    }
+#endif
   }
+
+  // Output channels per brgemm column block of the nhwc path: 4 AVX-512 vectors, a 6 x 64 register block.
+  static constexpr int64_t kNb = 64;
 
   // For a 1x1 unpadded stride-1 conv on an NCHW math-type x, col of a tile inside one image is x itself:
   // rows ci at stride x_stride[1]. Returns nullptr when the tile crosses images.
@@ -354,6 +447,11 @@ struct Conv {
 
   template <Activation A>
   void forward() const {
+#if FASTDL_RNN_BRGEMM
+    if constexpr (std::is_same_v<T, float>) {
+      if (nhwc) return forward_nhwc<A>();
+    }
+#endif
     if (flat) return forward_flat<A>();
     at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<T> colbuf(direct_1x1 && ohw >= 64 ? 0 : K * mt), acc(cout_g * mt), rbuf(mt);
@@ -474,6 +572,263 @@ struct Conv {
 #endif
     });
   }
+
+#if FASTDL_RNN_BRGEMM
+  // xi[r, q, c] = x[n, c, r - pad_top, q - pad_left], zero outside x: image n as the fp32 channels-last padded
+  // copy [Hx, Wx, Cin] that the nhwc path reads (Hx, Wx: the rows and columns the output reads).
+  void pack_image(int64_t n, float* xi) const {
+    const int64_t C = p.in_channels, H = p.in_h, W = p.in_w, pt = p.pad_top, pl = p.pad_left;
+    const int64_t lo = std::min(pl, Wx), hi = std::clamp(pl + W, lo, Wx);  // columns [lo, hi) come from x
+    std::vector<float> tmp;
+    for (int64_t r = 0; r < Hx; ++r) {
+      const int64_t ih = r - pt;
+      float* row = xi + r * Wx * C;
+      if (ih < 0 || ih >= H) {
+        std::fill(row, row + Wx * C, 0.f);
+        continue;
+      }
+      std::fill(row, row + lo * C, 0.f);
+      std::fill(row + hi * C, row + Wx * C, 0.f);
+      const int64_t base = n * p.x_stride[0] + ih * p.x_stride[2] + (lo - pl) * p.x_stride[3];
+      if (p.x_stride[1] == 1) {  // channels_last x: each pixel's channels are contiguous
+        for (int64_t q = lo; q < hi; ++q) load(p.x, p.input_dtype, base + (q - lo) * p.x_stride[3], 1, C, row + q * C);
+      } else if (p.input_dtype == DType::kFloat32 && p.x_stride[3] == 1) {
+        // [C, hi - lo] rows of x -> [hi - lo, C]
+        transpose(static_cast<const float*>(p.x) + base, p.x_stride[1], row + lo * C, C, C, hi - lo);
+      } else {
+        tmp.resize(hi - lo);
+        for (int64_t c = 0; c < C; ++c) {
+          load(p.x, p.input_dtype, base + c * p.x_stride[1], p.x_stride[3], hi - lo, tmp.data());
+          for (int64_t q = lo; q < hi; ++q) row[q * C + c] = tmp[q - lo];
+        }
+      }
+    }
+  }
+
+  // The batch's packed images, [N, Hx, Wx, Cin], one buffer per call. Each image is packed by the first thread
+  // that needs it, right before that thread's items on it (so it is still in that core's L2); a thread that
+  // needs an image another one is packing waits for it. One batch-sized buffer per call rather than a cached
+  // per-thread one: like the flat path's xpad before it, it keeps glibc's mmap threshold above the output's
+  // size. With only cached buffers every 6.4 MB output of 56x56x64 became a fresh mmap again when run
+  // interleaved with eager torch (1536 page faults per call, eager's calls 4672; 879 and 364 with the flat
+  // path), ~1.3 ms more per call on two threads.
+  struct PackedImages {
+    int64_t plane;
+    std::unique_ptr<float[]> data;
+    std::unique_ptr<std::atomic<int>[]> state;  // 0 not packed, 1 being packed, 2 ready
+  };
+  PackedImages packed_images() const {
+    const int64_t plane = Hx * Wx * p.in_channels;
+    return {plane, std::unique_ptr<float[]>(new float[p.batch * plane]),
+            std::unique_ptr<std::atomic<int>[]>(new std::atomic<int>[p.batch]())};
+  }
+  const float* image(PackedImages& pk, int64_t n) const {
+    float* xi = pk.data.get() + n * pk.plane;
+    std::atomic<int>& st = pk.state[n];
+    if (st.load(std::memory_order_acquire) == 2) return xi;
+    int expected = 0;
+    if (st.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      pack_image(n, xi);
+      st.store(2, std::memory_order_release);
+    } else {
+      while (st.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+    }
+    return xi;
+  }
+
+  // wc[g, j, k, o] = w[g * Cout_g + j * Nb + o, ci, kh, kw] with k = (kh * KW + kw) * Cin_g + ci, zero for
+  // o past Cout_g: per group, column block j of Nb output channels is a row-major [K, Nb] brgemm B operand
+  // whose rows [tap * Cin_g, (tap + 1) * Cin_g) are one tap's [Cin_g, Nb] weights.
+  const float* pack_w_nhwc() const {
+    const int64_t taps = p.kernel_h * p.kernel_w, ncb = (cout_g + Nb - 1) / Nb, nob = Nb / 16;
+    float* wc = scratch(kPanels, p.groups * ncb * K * Nb);  // the calling thread's
+    // Items of 16 output channels: per input channel, the [16, taps] block of w (row stride K) is transposed in
+    // registers into the 64-byte pieces of taps panel rows. Element by element the 9.4 MB of 7x7x512 3x3 took
+    // ~2 ms, now ~1.1 (one thread; a plain copy of as many bytes takes 0.2, the 16 x 16 transposes' shuffles
+    // are the limit); the panel rows kept in w's own (ci, tap) order pack faster but made the per-tap B
+    // operand strided, and the GEMMs lost more (14x14x256 3x3: 8.1 -> 9.3 ms).
+    at::parallel_for(0, p.groups * ncb * nob, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t gj = item / nob, g = gj / ncb, j = gj % ncb, o0 = item % nob * 16;
+        const int64_t rows = std::clamp<int64_t>(cout_g - j * Nb - o0, 0, 16);
+        float* dst = wc + gj * K * Nb + o0;
+        if (rows < 16) {  // zero past Cout_g (the masked stores leave those lanes alone)
+          for (int64_t k = 0; k < K; ++k) std::fill_n(dst + k * Nb, 16, 0.f);
+        }
+        if (rows == 0) continue;
+        const T* src = w + (g * cout_g + j * Nb + o0) * K;
+        for (int64_t ci = 0; ci < cin_g; ++ci) transpose(src + ci * taps, K, dst + ci * Nb, cin_g * Nb, rows, taps);
+      }
+    });
+    return wc;
+  }
+
+  // Epilogue of an nhwc tile ct [M pixels, nbc channels] (row stride ldc) of image n: pixels pix0 .. pix0 + M,
+  // channels c0 .. c0 + nbc. A channels-last output takes it row by row (each row is nbc contiguous outputs);
+  // otherwise the tile is transposed into acc [nbc, M] and stored channel by channel.
+  template <Activation A>
+  void epilogue_tile(float* ct, int64_t M, int64_t nbc, int64_t ldc, int64_t c0, int64_t n, int64_t pix0, float* acc,
+                     float* rbuf) const {
+    const Vec<float> slope(p.slope);
+    if (p.out_stride_p == 1 && !p.residual && p.input_dtype == DType::kFloat32) {
+      // fp32 NCHW output: the epilogue along the tile's rows, then the tile transposed straight into out.
+      for (int64_t i = 0; i < M; ++i) {
+        float* v = ct + i * ldc;
+        for (int64_t j = 0; j < nbc; j += Vec<float>::size()) {
+          const int64_t k = std::min<int64_t>(Vec<float>::size(), nbc - j);
+          const Vec<float> z =
+              at::vec::fmadd(vload(v + j, k), vload(s.data() + c0 + j, k), vload(t.data() + c0 + j, k));
+          vstore(act_fwd<A>(z, slope), v + j, k);
+        }
+      }
+      float* out = static_cast<float*>(p.out) + n * p.out_stride_n + c0 * p.out_stride_c + pix0;
+      transpose(ct, ldc, out, p.out_stride_c, M, nbc);
+      return;
+    }
+    if (p.out_stride_c == 1 && (!p.residual || p.res_stride_c == 1)) {
+      for (int64_t i = 0; i < M; ++i) {
+        float* v = ct + i * ldc;
+        if (p.residual) {
+          load(p.residual, p.input_dtype, n * p.res_stride_n + c0 + (pix0 + i) * p.res_stride_p, 1, nbc, rbuf);
+        }
+        for (int64_t j = 0; j < nbc; j += Vec<float>::size()) {
+          const int64_t k = std::min<int64_t>(Vec<float>::size(), nbc - j);
+          Vec<float> z = at::vec::fmadd(vload(v + j, k), vload(s.data() + c0 + j, k), vload(t.data() + c0 + j, k));
+          if (p.residual) z = z + vload(rbuf + j, k);
+          vstore(act_fwd<A>(z, slope), v + j, k);
+        }
+        store(v, nbc, p.out, p.input_dtype, n * p.out_stride_n + c0 + (pix0 + i) * p.out_stride_p, 1);
+      }
+      return;
+    }
+    transpose(ct, ldc, acc, M, M, nbc);
+    for (int64_t o = 0; o < nbc; ++o) epilogue_run<A>(acc + o * M, M, c0 + o, n, pix0, rbuf);
+  }
+
+  // The fp32 forward on channels-last tiles: C[pixels, Cout] = X^T W^T, against the weights packed once per
+  // call into [K, Nb] column-block panels (pack_w_nhwc). Each image is packed channels-last and zero-padded
+  // (pack_image) by the first thread that needs it, right before its items, so that it is in that core's L2
+  // (0.9 MB at 56x56x64; see packed_images). Two schedules, both image-major and deterministic (each output
+  // element is computed by one thread in a fixed order):
+  //  - rows (OW >= 12): the input pixels one kernel tap reads for one output row are a row-major [OW, Cin_g]
+  //    matrix of the packed image (row stride sw * Cin: no copy, no wasted columns); against the tap's
+  //    [Cin_g, Nb] panel rows that is one brgemm call (M = OW pixels, N = Nb channels) accumulating into an
+  //    [OW, Nb] tile in L1, and the epilogue takes the tile while it is hot.
+  //  - gathered (OW < 12, the 7x7 stage, where M = OW would be too short for brgemm): see forward_gathered.
+  template <Activation A>
+  void forward_nhwc() const {
+    const float* wc = pack_w_nhwc();
+    if (p.out_w < 12) return forward_gathered<A>(wc);
+    const int64_t C = p.in_channels, OH = p.out_h, OW = p.out_w, KW = p.kernel_w, taps = p.kernel_h * KW;
+    const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
+    const int64_t ncb = (cout_g + Nb - 1) / Nb;
+    // Undilated along w with one group, the KW taps of one kernel row read KW * Cin consecutive floats of xi
+    // per output pixel: a [OW, KW * Cin] matrix with overlapping rows (row stride sw * Cin) against the
+    // [KW * Cin, Nb] rows of the panel, so one brgemm call per kernel row (K = 192 instead of 3 calls of 64 at
+    // 56x56x64).
+    const bool merge_kw = dw == 1 && p.groups == 1;
+    // Row block: about 64 pixels, a 16 KB tile at Nb = 64.
+    const int64_t R = std::clamp<int64_t>(64 / OW, 1, OH), nrb = (OH + R - 1) / R, mt = R * OW;
+    const int64_t per_image = p.groups * ncb * nrb;
+    PackedImages pk = packed_images();
+    at::parallel_for(0, p.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+      float* const ct = scratch(kTile, 2 * mt * Nb + std::max(mt, Nb));
+      float *const acc = ct + mt * Nb, *const rbuf = acc + mt * Nb;
+      for (int64_t item = begin; item < end; ++item) {
+        // (n, g, j, rb): a weight panel serves all row blocks of an image in a row.
+        const int64_t n = item / per_image, gj = item % per_image / nrb, rb = item % nrb;
+        const int64_t g = gj / ncb, j = gj % ncb;
+        const float* xi = image(pk, n);
+        const int64_t oh0 = rb * R, nr = std::min(R, OH - oh0), nbc = std::min(Nb, cout_g - j * Nb);
+        const float* B = wc + gj * K * Nb;
+        const float* xg = xi + g * cin_g;
+        for (int64_t r = 0; r < nr; ++r) {
+          float* cr = ct + r * OW * Nb;
+          if (merge_kw) {
+            for (int64_t kh = 0; kh < p.kernel_h; ++kh) {
+              const float* a = xg + ((oh0 + r) * sh + kh * dh) * Wx * C;
+              at::native::cpublas::brgemm(OW, nbc, KW * C, sw * C, Nb, Nb, kh > 0, a, B + kh * KW * C * Nb, cr,
+                                          /*is_vnni=*/false);
+            }
+            continue;
+          }
+          for (int64_t tap = 0; tap < taps; ++tap) {
+            const int64_t kh = tap / KW, kw = tap % KW;
+            const float* a = xg + (((oh0 + r) * sh + kh * dh) * Wx + kw * dw) * C;
+            at::native::cpublas::brgemm(OW, nbc, cin_g, sw * C, Nb, Nb, tap > 0, a, B + tap * cin_g * Nb, cr,
+                                        /*is_vnni=*/false);
+          }
+        }
+        epilogue_tile<A>(ct, nr * OW, nbc, Nb, g * cout_g + j * Nb, n, oh0 * OW, acc, rbuf);
+      }
+      at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+    });
+  }
+
+  // Narrow outputs (OW < 12): the pixels of a group of images (4 at 7x7, M = 196) run as one GEMM against all
+  // the panels, K in chunks of 512 outermost: per chunk, col [M, 512] is gathered from the group's packed
+  // images (memcpy of runs of channels) and stays in L2 while every panel's [512, Nb] chunk streams past once
+  // into the [M, Cout_g] accumulator. (Image by image with the panels outer, 7x7x512 3x3 streamed its 9.4 MB
+  // of weights from L3 once per image, 75 MB a call, at ~190 GFLOP/s; the whole [M, K] col gathered first,
+  // 3.6 MB, went to L3 and back.) A group takes up to ~200 pixels, fewer when that would leave a thread
+  // without one; tall images go in blocks of rows.
+  template <Activation A>
+  void forward_gathered(const float* wc) const {
+    const int64_t C = p.in_channels, OH = p.out_h, OW = p.out_w, KW = p.kernel_w, plane = Hx * Wx * C;
+    const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
+    const int64_t ncb = (cout_g + Nb - 1) / Nb, ldc = ncb * Nb, threads = at::get_num_threads();
+    constexpr int64_t kMaxPix = 200, kChunk = 512;
+    const int64_t R = std::clamp<int64_t>(kMaxPix / OW, 1, OH), nrb = (OH + R - 1) / R;
+    const int64_t units = p.batch * nrb;  // (n, rb) pairs
+    const int64_t per_group =
+        std::max<int64_t>(1, std::min<int64_t>(nrb == 1 ? kMaxPix / ohw : 1, (units + threads - 1) / threads));
+    const int64_t ngroups = (units + per_group - 1) / per_group, mmax = per_group * R * OW;
+    PackedImages pk = packed_images();
+    at::parallel_for(0, p.groups * ngroups, 1, [&](int64_t begin, int64_t end) {
+      float* const col = scratch(kCol, mmax * std::min(kChunk, K));
+      float* const ct = scratch(kTile, mmax * ldc + mmax * Nb + std::max(mmax, Nb));
+      float *const acc = ct + mmax * ldc, *const rbuf = acc + mmax * Nb;
+      std::vector<const float*> src(mmax);  // per pixel of the group: its input pixel at tap 0 in xs
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t g = item / ngroups, u0 = item % ngroups * per_group, u1 = std::min(units, u0 + per_group);
+        const int64_t n0 = u0 / nrb, n1 = (u1 - 1) / nrb + 1;
+        for (int64_t n = n0; n < n1; ++n) image(pk, n);
+        int64_t M = 0;
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t n = u / nrb, oh0 = u % nrb * R, nr = std::min(R, OH - oh0);
+          const float* xn = pk.data.get() + n * plane + g * cin_g;
+          for (int64_t oh = oh0; oh < oh0 + nr; ++oh)
+            for (int64_t ow = 0; ow < OW; ++ow) src[M++] = xn + (oh * sh * Wx + ow * sw) * C;
+        }
+        const float* Bg = wc + g * ncb * K * Nb;
+        for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+          const int64_t kc = std::min(kChunk, K - k0);
+          // col[m, k - k0] for k = tap * Cin_g + ci in [k0, k0 + kc): runs of channels of one tap.
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t k = k0; k < k0 + kc;) {
+              const int64_t tap = k / cin_g, ci = k % cin_g, len = std::min(cin_g - ci, k0 + kc - k);
+              const float* x_tap = src[m] + ((tap / KW) * dh * Wx + (tap % KW) * dw) * C + ci;
+              std::memcpy(col + m * kc + (k - k0), x_tap, len * sizeof(float));
+              k += len;
+            }
+          }
+          for (int64_t j = 0; j < ncb; ++j)
+            at::native::cpublas::brgemm(M, std::min(Nb, cout_g - j * Nb), kc, kc, Nb, ldc, k0 > 0, col,
+                                        Bg + (j * K + k0) * Nb, ct + j * Nb, /*is_vnni=*/false);
+        }
+        int64_t m = 0;
+        for (int64_t u = u0; u < u1; ++u) {
+          const int64_t n = u / nrb, oh0 = u % nrb * R, cnt = std::min(R, OH - oh0) * OW;
+          for (int64_t j = 0; j < ncb; ++j)
+            epilogue_tile<A>(ct + m * ldc + j * Nb, cnt, std::min(Nb, cout_g - j * Nb), ldc,
+                             g * cout_g + j * Nb, n, oh0 * OW, acc, rbuf);
+          m += cnt;
+        }
+      }
+      at::native::cpublas::brgemm_release(/*is_vnni=*/false);
+    });
+  }
+#endif
 
   // f(j, n, pix, cnt): the runs of pixels [m0, m0 + n_pix) inside one image.
   template <typename F>

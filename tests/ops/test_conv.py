@@ -139,6 +139,88 @@ def test_stride1_wide(k, padding, dilation, groups, channels_last, dtype):
     torch.testing.assert_close(out, conv2d_fused_ref(x, wt, **args), **tol)
 
 
+# The channels-last fp32 path (>= 16 channels per group in and out, everything but the NCHW 1x1 stride-1
+# case): "rows" (>= 12 output columns, one brgemm per output row and tap, KW taps merged when undilated with
+# one group) and "gathered" (< 12 columns, image groups gathered into one GEMM, K in chunks of 512). Output
+# channels not a multiple of its 64-wide column blocks (72 = 64 + 8, 20 in one padded block), odd sizes,
+# strides, dilation, groups, asymmetric padding, both memory formats, residual (transposed and row-wise
+# epilogues), bf16.
+NHWC_CASES = [
+    # (cin, cout, h, w, k, stride, padding, dilation, groups, channels_last, residual, dtype, act)
+    (16, 72, 13, 17, 3, 1, 1, 1, 1, False, False, torch.float32, "relu"),  # rows, merged taps, 64 + 8
+    (24, 20, 14, 15, 3, 1, (2, 0, 1, 3), 1, 1, True, True, torch.float32, "silu"),  # rows, cl, asymmetric pad
+    (32, 48, 15, 29, (3, 5), 2, (1, 2), 1, 1, False, True, torch.float32, ("leaky_relu", 0.2)),  # rows, stride 2
+    (32, 32, 13, 14, 3, 1, 2, 2, 2, False, False, torch.float32, "gelu"),  # rows, dilated, 2 groups: per tap
+    (48, 64, 7, 7, 3, 1, 1, 1, 1, False, True, torch.float32, "relu"),  # gathered, NCHW residual
+    (40, 24, 9, 5, 5, 1, 2, 1, 1, True, False, torch.float32, "tanh"),  # gathered, cl, 25 taps
+    (128, 80, 5, 6, 3, 1, 1, 1, 1, False, False, torch.float32, None),  # gathered, K = 1152: 3 K chunks
+    (64, 96, 11, 10, 3, 2, 1, 2, 2, True, True, torch.float32, "sigmoid"),  # gathered, stride, dilation, groups
+    (16, 32, 12, 12, 1, 1, 0, 1, 1, True, False, torch.float32, "relu"),  # 1x1 channels_last
+    (32, 40, 13, 25, 1, 2, 0, 1, 1, False, True, torch.float32, "relu"),  # 1x1 stride 2
+    (32, 72, 13, 21, 3, 1, 1, 1, 1, False, True, torch.bfloat16, "silu"),  # bf16 rows
+    (32, 40, 7, 9, 3, 1, 1, 1, 1, True, False, torch.bfloat16, "relu"),  # bf16 gathered, cl
+]
+
+
+@pytest.mark.parametrize("case", NHWC_CASES, ids=[f"nhwc{i}" for i in range(len(NHWC_CASES))])
+def test_nhwc_path(case):
+    cin, cout, h, w, k, stride, padding, dilation, groups, channels_last, residual, dtype, act = case
+    for n in (3, 1):
+        shape = _out_shape(n, cout, h, w, k, stride, padding, dilation)
+        x, wt, b, scale, shift, res = _case_inputs(n, cin, h, w, cout, k, groups, bias=True, affine=True,
+                                                   residual_shape=shape if residual else None, dtype=dtype,
+                                                   channels_last=channels_last)
+        args = dict(bias=b, stride=stride, padding=padding, dilation=dilation, groups=groups, scale=scale,
+                    shift=shift, activation=act, residual=res)
+        out = conv2d_fused(x, wt, **args)
+        assert out.shape == shape and out.dtype == dtype
+        if channels_last:
+            assert out.is_contiguous(memory_format=torch.channels_last)
+        if dtype == torch.bfloat16:
+            # within 2x the error of torch computing the same in bf16, against the fp32 reference
+            ref = conv2d_fused_ref(*(t.float() for t in (x, wt)),
+                                   **{a: (v.float() if torch.is_tensor(v) else v) for a, v in args.items()})
+            torch_bf16 = conv2d_fused_ref(x, wt, **args)
+            err, err_torch = (out.float() - ref).abs().max(), (torch_bf16.float() - ref).abs().max()
+            assert err <= 2 * err_torch, (err, err_torch)
+        else:
+            torch.testing.assert_close(out, conv2d_fused_ref(x, wt, **args), atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("size", [28, 7])
+def test_nhwc_path_deterministic_and_threads(size):
+    """Bit-identical run to run, and with one or two threads (each output is one thread's fixed-order sum)."""
+    x = torch.randn(3, 64, size, size)
+    wt = torch.randn(96, 64, 3, 3) / 24
+    scale, shift = torch.rand(96) + 0.5, torch.randn(96)
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (2, 2, 1):
+            torch.set_num_threads(nt)
+            outs.append(conv2d_fused(x, wt, padding=1, scale=scale, shift=shift, activation="relu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    assert torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0], conv2d_fused_ref(x, wt, padding=1, scale=scale, shift=shift,
+                                                         activation="relu"), atol=5e-5, rtol=5e-5)
+
+
+def test_nhwc_path_gradients():
+    """The forward of a >= 16-channel fp32 conv runs the channels-last path; its gradients still match."""
+    shape = _out_shape(2, 24, 9, 13, 3, 1, 1, 1)
+    inputs = _case_inputs(2, 16, 9, 13, 24, 3, 1, bias=True, affine=True, residual_shape=shape,
+                          channels_last=True, requires_grad=True)
+    x, wt, b, scale, shift, res = inputs
+    out = conv2d_fused(x, wt, b, padding=1, scale=scale, shift=shift, residual=res, activation="gelu")
+    dout = torch.randn_like(out)
+    ref = conv2d_fused_ref(x, wt, b, padding=1, scale=scale, shift=shift, residual=res, activation="gelu")
+    torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5)
+    for g, rg in zip(torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)):
+        torch.testing.assert_close(g, rg, atol=2e-4, rtol=2e-4)
+
+
 def test_noncontiguous_and_edge_sizes():
     x = torch.randn(3, 8, 20, 30)[:, ::2, 1::2, ::3]  # (3, 4, 10, 10), strided every way
     wt = torch.randn(6, 4, 3, 3)
