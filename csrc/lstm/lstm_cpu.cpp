@@ -264,6 +264,10 @@ inline std::pair<int64_t, int64_t> chunk_rows(const LayerParams& p, int64_t k_lo
 }
 
 #if FASTDL_RNN_BRGEMM
+// Rows per brgemm call of the forward's input projection (a chunk of ~256 rows is one call per panel; see
+// brgemm_packed).
+constexpr int64_t kProjRows = 256;
+
 // C[m, n] = A[m, K] B[K, n] (row-major, leading dimensions given) in one thread, K in chunks of 512.
 inline void brgemm_block(int64_t m, int64_t n, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb,
                          float* C, int64_t ldc) {
@@ -400,7 +404,7 @@ void forward_persistent(const LayerParams& p, const float* cell_b_ih, const floa
       if (k % p.chunk_steps == 0 && q1 > q0) {
         const auto [r0, r1] = chunk_rows(p, k, std::min(p.seq_len, k + p.chunk_steps) - 1);
         cpu::brgemm_packed(r1 - r0, (q1 - q0) * nb, I, x + r0 * I, I, w_ih + q0 * I * nb, nb, false, gx + q0 * nb,
-                           GHp, /*parallel=*/false);
+                           GHp, /*parallel=*/false, kProjRows);
         chunk_row0 = r0;
         clock.mark(prof::kProj);
       }
@@ -530,7 +534,7 @@ void layer_forward(const LayerParams& p) {
 #if FASTDL_RNN_BRGEMM
       if constexpr (std::is_same_v<T, float>) {
         if (gb) {
-          cpu::brgemm_packed(r1 - r0, GHp, I, x + r0 * I, I, w_ih, G * gb, false, gx, GHp, true);
+          cpu::brgemm_packed(r1 - r0, GHp, I, x + r0 * I, I, w_ih, G * gb, false, gx, GHp, true, kProjRows);
         } else {
           gemm<T>(false, ih_t, r1 - r0, GH, I, x + r0 * I, I, w_ih, ih_t ? I : GH, false, gx, GH);
         }
