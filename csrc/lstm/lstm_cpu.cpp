@@ -180,8 +180,8 @@ inline bool parallel_steps(int64_t batch, int64_t gates_width, int64_t state) {
 // system call of ~0.3 us per mark, ~5% of a forward), which time slices lost to other jobs on a loaded
 // machine do not inflate. Off, a phase costs one predictable branch.
 namespace prof {
-enum Phase : int { kProj, kGemm, kCell, kCopy, kWait, kSteps, kNumPhases };
-constexpr const char* kNames[kNumPhases] = {"proj", "gemm", "cell", "copy", "wait", "steps"};
+enum Phase : int { kPack, kProj, kGemm, kCell, kCopy, kWait, kSteps, kNumPhases };
+constexpr const char* kNames[kNumPhases] = {"pack", "proj", "gemm", "cell", "copy", "wait", "steps"};
 constexpr int kMaxThreads = 64;
 inline int mode() {  // 0 off, 1 wall, 2 thread CPU time
   static const int m = [] {
@@ -286,6 +286,12 @@ inline void prefetch_igates(const CellFwdParams& c, int64_t m0, int64_t m, int64
   const float* base = static_cast<const float*>(c.igates) + q * nb;
   for (int64_t b = m0; b < m0 + m; ++b)
     for (int64_t i = 0; i < nb; i += 16) _mm_prefetch(reinterpret_cast<const char*>(base + b * c.igates_stride + i), _MM_HINT_T1);
+  if (c.c_prev) {  // LSTM: the c rows of these units, evicted from L2 by the weights a step streams
+    const float* cp = static_cast<const float*>(c.c_prev) + q * c.gate_block;
+    for (int64_t b = m0; b < m0 + m; ++b)
+      for (int64_t i = 0; i < c.gate_block; i += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(cp + b * c.c_prev_stride + i), _MM_HINT_T1);
+  }
 }
 
 // One forward step (fp32) in a single parallel region: a task takes gb = 32 hidden units x 32 rows, runs
@@ -396,7 +402,7 @@ void forward_persistent(const LayerParams& p, const float* cell_b_ih, const floa
       pack_panel(static_cast<const float*>(p.w_ih), H, I, G, gb, q, w_ih + q * I * nb);
       pack_panel(static_cast<const float*>(p.w_hh), H, P, G, gb, q, w_hh + q * P * nb);
     }
-    clock.mark(prof::kProj);
+    clock.mark(prof::kPack);
     float* hs = h_a;
     float* h_next = h_b;
     int64_t chunk_row0 = 0;
