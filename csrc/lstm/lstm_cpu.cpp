@@ -231,7 +231,8 @@ inline void report(const char* what, int64_t T, int64_t B, int64_t H, int thread
 }  // namespace prof
 
 // Whether the fp32 gate-blocked forward runs its time loop as one parallel region (forward_persistent):
-// whenever its steps are split across threads at all (parallel_steps) and every thread gets a panel. It needs
+// whenever its steps are worth splitting across threads (parallel_steps) and every thread gets a panel; on one
+// thread too, where it is the same loop without the barrier and packs the weights faster. It needs
 // OpenMP's guarantee that a region's threads run at once (they meet at a barrier every step); with
 // torch's other parallel backends a task could wait for a thread that waits on it.
 // FASTDL_RNN_ONE_REGION=0 (environment, read once) keeps a fork/join per step (fused_step) instead.
@@ -242,7 +243,7 @@ inline bool one_region_forward(Mode mode, int64_t batch, int64_t hidden, int64_t
     return !(e && std::strcmp(e, "0") == 0);
   }();
   const int64_t threads = at::get_num_threads();
-  return allowed && gb > 0 && proj == 0 && threads > 1 && (hidden + gb - 1) / gb >= threads &&
+  return allowed && gb > 0 && proj == 0 && (hidden + gb - 1) / gb >= threads &&
          !at::in_parallel_region() && parallel_steps(batch, num_gates(mode) * hidden, hidden);
 #else
   return false;
