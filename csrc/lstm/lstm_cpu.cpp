@@ -397,6 +397,7 @@ void forward_persistent(const LayerParams& p, const float* cell_b_ih, const floa
   // gates_x and gates_h panel-major here, [panels, rows, nb]: a task's gates are one contiguous block (16 KB
   // for 32 rows of an LSTM panel) instead of 32 rows of 512 bytes 8 KB apart, which the cell read from L3.
   const int64_t gx_rows = std::min(p.rows, p.chunk_steps * B);
+  const bool lstm_panel_cell = lstm && gb == 32 && cell_b_hh == nullptr;
   SpinBarrier barrier(nslots);
   at::parallel_for(0, nslots, 1, [&](int64_t s0, int64_t s1) {
     prof::Clock clock;
@@ -459,7 +460,11 @@ void forward_persistent(const LayerParams& p, const float* cell_b_ih, const floa
           prefetch_igates(c, m0, m, q);
           brgemm_block(m, nb, P, hs + m0 * P, P, w_hh + q * P * nb, nb, gh + q * B * nb + m0 * nb, nb);
           clock.mark(prof::kGemm);
-          for (int64_t b = m0; b < m0 + m; ++b) cpu::cell_forward_block<float>(c, b, j0, j0 + n);
+          if (lstm_panel_cell && n == gb) {
+            cpu::lstm_cell_panel_f32(c, m0, m, j0);
+          } else {
+            for (int64_t b = m0; b < m0 + m; ++b) cpu::cell_forward_block<float>(c, b, j0, j0 + n);
+          }
           clock.mark(prof::kCell);
         }
       }
