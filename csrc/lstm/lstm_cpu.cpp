@@ -192,7 +192,9 @@ inline int mode() {  // 0 off, 1 wall, 2 thread CPU time
   return m;
 }
 inline bool enabled() { return mode() != 0; }
-inline double now() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+inline double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
 inline double thread_now() {
   if (mode() == 1) return now();
   timespec ts;
@@ -286,7 +288,8 @@ inline void prefetch_igates(const CellFwdParams& c, int64_t m0, int64_t m, int64
   const int64_t nb = num_gates(c.mode) * c.gate_block;
   const float* base = static_cast<const float*>(c.igates) + q * nb;
   for (int64_t b = m0; b < m0 + m; ++b)
-    for (int64_t i = 0; i < nb; i += 16) _mm_prefetch(reinterpret_cast<const char*>(base + b * c.igates_stride + i), _MM_HINT_T1);
+    for (int64_t i = 0; i < nb; i += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(base + b * c.igates_stride + i), _MM_HINT_T1);
   if (c.c_prev) {  // LSTM: the c rows of these units, evicted from L2 by the weights a step streams
     const float* cp = static_cast<const float*>(c.c_prev) + q * c.gate_block;
     for (int64_t b = m0; b < m0 + m; ++b)
@@ -328,8 +331,8 @@ void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const fl
 // A barrier for the workers of one parallel region, counted in slots: a worker that at::parallel_for gave
 // several slots (fewer threads in the team than asked for) arrives once with all of them. Sense by
 // generation: the last to arrive resets the count, then bumps the generation the others spin on. Spinning
-// is short on an idle machine (the threads run the same work per step); after ~50 us it yields, so that a
-// descheduled peer on a loaded machine gets the core back sooner.
+// is short on an idle machine (the threads run the same work per step); after 20000 pauses (a few hundred
+// us) it yields the core, so that on a loaded machine a descheduled peer or another job can run.
 class SpinBarrier {
  public:
   explicit SpinBarrier(int64_t slots) : slots_(slots) {}
@@ -355,15 +358,6 @@ class SpinBarrier {
   alignas(64) std::atomic<int64_t> gen_{0};
 };
 
-// The whole fp32 gate-blocked forward without projection (LSTM, GRU, RNN) in one parallel region. Each
-// worker owns a fixed range of the 32-unit panels, so everything it writes is its own columns: the input
-// projection of its panels (x W_ih^T for a chunk of steps: only its own cells read those gates), the
-// recurrent GEMM and cell of its panels, its columns of c, h, the output and the saved workspace rows. The
-// only exchange is h: a step's GEMM reads every unit of h_{t-1}, so the workers meet at one barrier per
-// step, where fused_step opened and joined a parallel region per step and one per input chunk. A worker
-// also reads the same W_hh^T / W_ih^T panels in the same order every step (2 + 2 MB each at H = 512 over
-// two threads). Every tile is the same brgemm call as in fused_step / brgemm_packed (same shapes, same K
-// chunks, one thread each), so results are bit-identical to the other path and to any thread count.
 // Panel q of the gate-blocked packing (pack_gate_blocked below: [K, G, gb], unit columns of W^T gate by gate,
 // zero past H) from w [G*H, K] row-major: G transposes of <= gb rows x K, 16 x 16 in AVX-512 registers
 // (at::vec::transpose_mxn). A worker packs the panels it reads itself, inside the region: at::copy_ of the
@@ -377,6 +371,17 @@ void pack_panel(const float* w, int64_t H, int64_t K, int64_t G, int64_t gb, int
   }
 }
 
+// The whole fp32 gate-blocked forward without projection (LSTM, GRU, RNN) in one parallel region. Each
+// worker owns a fixed range of the 32-unit panels, so everything it writes is its own columns: its packed
+// weight panels, the input projection of its panels (x W_ih^T for a chunk of steps: only its own cells read
+// those gates), the recurrent GEMM and cell of its panels, its columns of c, h, the output and the saved
+// workspace rows. The only exchange is h: a step's GEMM reads every unit of h_{t-1}, so the workers meet at
+// one barrier per step, where fused_step opened and joined a parallel region per step and one per input
+// chunk (on a loaded machine each fork/join can wait a time slice for a descheduled thread). A worker reads
+// only its own panels, W_hh^T every step and W_ih^T every chunk (2 MB each at H = 512 on two threads). Every
+// output tile is the same brgemm computation as in fused_step / brgemm_packed (same shapes and K chunks, one
+// thread each; only where C is stored differs), so results are bit-identical to the other path and to any
+// thread count.
 void forward_persistent(const LayerParams& p, const float* cell_b_ih, const float* cell_b_hh, int64_t nslots) {
   constexpr int64_t kRows = 32;
   const int64_t H = p.hidden, P = H, I = p.input_size, B = p.batch, gb = p.gate_block, G = num_gates(p.mode);
@@ -473,7 +478,8 @@ void forward_persistent(const LayerParams& p, const float* cell_b_ih, const floa
         copy_rows(bs, nu, h_next + u0, P, out + off * P + u0, P);
         // Rows whose sequence ends here have their final state.
         const int64_t next = rows_at(p, k + 1);
-        if (bs > next) copy_rows(bs - next, nu, h_next + next * P + u0, P, static_cast<float*>(p.hy) + next * P + u0, P);
+        if (bs > next)
+          copy_rows(bs - next, nu, h_next + next * P + u0, P, static_cast<float*>(p.hy) + next * P + u0, P);
         clock.mark(prof::kCopy);
       }
       barrier.wait(s1 - s0);  // every unit of h_t is written before any worker's next GEMM reads it

@@ -83,10 +83,9 @@ inline void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
 //
 // C[M, N] (+)= A[M, K] Bp, tiles of row_tile rows x nb columns, K in chunks of 512 accumulated in place.
 // Panel-major tile order: a panel (<= 256 KB) stays in L2 while every row block of A passes over it.
-// Each brgemm call has a fixed cost (the kernel lookup in torch's cpublas wrapper), about 5-10% of a
-// 32 x 128 x 512 tile: one Zen 5 core runs the forward's input projection, 256 rows x 8 panels of 128
-// columns, at ~200 GFLOP/s in 32-row tiles and ~224 as one 256-row call per panel (A 512 KB + a
-// 256 KB panel, both in L2).
+// Larger row tiles pay where A and a panel fit L2 together: one Zen 5 core runs the forward's input
+// projection, 256 rows x 8 panels of 128 columns, at ~200 GFLOP/s in 32-row tiles and ~224 as one 256-row
+// call per panel (A 512 KB + a 256 KB panel; microbenchmark, benchmarks/RESULTS.md lstm).
 inline void brgemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t nb,
                           bool add_C, float* C, int64_t ldc, bool parallel, int64_t row_tile = 32) {
   constexpr int64_t kChunk = 512;
