@@ -139,13 +139,15 @@ inline void cell_forward_block(const CellFwdParams& p, int64_t b, int64_t j0, in
   }
 }
 
-// The fp32 LSTM cell of rows [m0, m0 + m) and one gate-blocked panel of 32 units [j0, j0 + 32) with no
-// b_hh (the layer passes b_ih + b_hh summed): cell_forward_block's arithmetic, in the same order, with the
-// panel's 8 bias vectors loaded once for all rows instead of once per row and gate. The time loop calls
-// this for every 32 x 32 tile of every step (2048 times per forward at T = 128, B = 32, H = 512).
+// The fp32 LSTM cell of rows [m0, m0 + m) and one gate-blocked panel of kUnits units [j0, j0 + kUnits) with
+// no b_hh (the layer passes b_ih + b_hh summed): cell_forward_block's arithmetic, in the same order, with the
+// panel's 4 * kUnits / 16 bias vectors loaded once for all rows instead of once per row and gate. The time
+// loop calls this for every 32-row tile of every panel of every step.
+template <int64_t kUnits>
 inline void lstm_cell_panel_f32(const CellFwdParams& p, int64_t m0, int64_t m, int64_t j0) {
   using V = Vec<float>;
-  constexpr int64_t W = V::size(), kUnits = 32, kVecs = kUnits / W;
+  constexpr int64_t W = V::size(), kVecs = kUnits / W;
+  static_assert(kUnits % W == 0, "whole vectors per panel");
   const int64_t H = p.hidden, gb = p.gate_block;
   const float* bias = static_cast<const float*>(p.b_ih);
   V b[4][kVecs];

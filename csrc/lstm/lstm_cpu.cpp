@@ -298,12 +298,12 @@ inline void prefetch_igates(const CellFwdParams& c, int64_t m0, int64_t m, int64
   }
 }
 
-// One forward step (fp32) in a single parallel region: a task takes gb = 32 hidden units x 32 rows, runs
-// the recurrent GEMM for the units' G gates as one brgemm call of 32 x (G * 32) x P on their packed panel
-// of W_hh^T (gate-blocked: the G gates' 32 columns side by side, one contiguous [P, G * 32] block, 256 KB
-// for an LSTM at P = 512), then the cell on the same block while its gates are in L1. One region per step
-// instead of two (GEMM, then cell): a step is ~0.2 ms at H = 512, and each region is a fork/join of the
-// thread pool. The cell writes h to a buffer other than h_prev, which other tasks are still reading.
+// One forward step (fp32) in a single parallel region: a task takes gb hidden units (gate_block: 16 for LSTM,
+// else 32) x 32 rows, runs the recurrent GEMM for the units' G gates as one brgemm call of 32 x (G * gb) x P
+// on their packed panel of W_hh^T (gate-blocked: the G gates' gb columns side by side, one contiguous
+// [P, G * gb] block, 128 KB for an LSTM at P = 512), then the cell on the same block while its gates are in
+// L1. One region per step instead of two (GEMM, then cell): a step is ~0.2 ms at H = 512, and each region is
+// a fork/join of the thread pool. The cell writes h to a buffer other than h_prev, which other tasks are still reading.
 void fused_step(const CellFwdParams& c, const float* h_prev, int64_t P, const float* w_hh_packed, float* gh,
                 bool parallel) {
   constexpr int64_t kRows = 32;
@@ -372,7 +372,7 @@ void pack_panel(const float* w, int64_t H, int64_t K, int64_t G, int64_t gb, int
 }
 
 // The whole fp32 gate-blocked forward without projection (LSTM, GRU, RNN) in one parallel region. Each
-// worker owns a fixed range of the 32-unit panels, so everything it writes is its own columns: its packed
+// worker owns a fixed range of the gate-blocked panels, so everything it writes is its own columns: its packed
 // weight panels, the input projection of its panels (x W_ih^T for a chunk of steps: only its own cells read
 // those gates), the recurrent GEMM and cell of its panels, its columns of c, h, the output and the saved
 // workspace rows. The only exchange is h: a step's GEMM reads every unit of h_{t-1}, so the workers meet at
@@ -402,7 +402,7 @@ void forward_persistent(const LayerParams& p, const float* cell_b_ih, const floa
   // gates_x and gates_h panel-major here, [panels, rows, nb]: a task's gates are one contiguous block (16 KB
   // for 32 rows of an LSTM panel) instead of 32 rows of 512 bytes 8 KB apart, which the cell read from L3.
   const int64_t gx_rows = std::min(p.rows, p.chunk_steps * B);
-  const bool lstm_panel_cell = lstm && gb == 32 && cell_b_hh == nullptr;
+  const bool lstm_panel_cell = lstm && (gb == 16 || gb == 32) && cell_b_hh == nullptr;
   SpinBarrier barrier(nslots);
   at::parallel_for(0, nslots, 1, [&](int64_t s0, int64_t s1) {
     prof::Clock clock;
@@ -466,7 +466,7 @@ void forward_persistent(const LayerParams& p, const float* cell_b_ih, const floa
           brgemm_block(m, nb, P, hs + m0 * P, P, w_hh + q * P * nb, nb, gh + q * B * nb + m0 * nb, nb);
           clock.mark(prof::kGemm);
           if (lstm_panel_cell && n == gb) {
-            cpu::lstm_cell_panel_f32(c, m0, m, j0);
+            gb == 16 ? cpu::lstm_cell_panel_f32<16>(c, m0, m, j0) : cpu::lstm_cell_panel_f32<32>(c, m0, m, j0);
           } else {
             for (int64_t b = m0; b < m0 + m; ++b) cpu::cell_forward_block<float>(c, b, j0, j0 + n);
           }
@@ -808,8 +808,13 @@ void fill_layer(LayerParams& p, const LayerShape& s, bool reverse) {
   p.offsets = s.offsets.data();
 }
 
-// Units per gate-blocked tile of the fp32 forward (lstm_params.h); 0 where brgemm is not built in.
+// Units per gate-blocked tile of the fp32 forward (lstm_params.h); 0 where brgemm is not built in. LSTM
+// takes half: 16 units x 4 gates = 64-column panels, one zmm per gate and row in the cell. One Zen 5 core
+// runs a step's 32 x 64 x 512 brgemm calls over 16 panels at 216-221 GFLOP/s against 203-216 for
+// 32 x 128 x 512 over 8 (same 2 MB of W_hh^T); the forward's GEMM phase 20.8 -> 20.2 ms per thread at 2 threads.
+// Results are the same bits either way (each output element is the same K-ordered dot product).
 constexpr int64_t kGateBlock = FASTDL_RNN_BRGEMM ? 32 : 0;
+inline int64_t gate_block(Mode mode) { return mode == Mode::kLSTM ? kGateBlock / 2 : kGateBlock; }
 
 // w [G*H, K] (row-major, nn.LSTM's layout) -> packed [ceil(H / gb), K, G * gb]: panel q holds W^T's
 // columns of units [q * gb, (q + 1) * gb), gate by gate, zero past H.
@@ -844,9 +849,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_layer_cpu(const Tensor& input, co
   const auto c0 = lstm ? as_math(cx) : std::nullopt;
   const auto bi = as_math(b_ih), bh = as_math(b_hh), wr = as_math(w_hr);
   // Transposed once per call, read by every step's GEMM (4 MB each at H = 512); for fp32 brgemm packed
-  // into gate-blocked panels (lstm_params.h), so that a step's 32-unit tile reads one contiguous block.
+  // into gate-blocked panels (lstm_params.h), so that a step's tile of units reads one contiguous block.
   const auto mtype = math_type(dtype);
-  const int64_t gb = kGateBlock && mtype == at::kFloat ? kGateBlock : 0;
+  const int64_t gb = kGateBlock && mtype == at::kFloat ? gate_block(mode) : 0;
   const int64_t GHp = gb ? (s.hidden + gb - 1) / gb * num_gates(mode) * gb : GH;
   Tensor wi_t = scratch(kWihT, {s.input_size, GHp}, mtype), wh_t = scratch(kWhhT, {P, GHp}, mtype);
   // One parallel region for the time loop: its workers pack their own panels there (forward_persistent).
