@@ -81,11 +81,15 @@ inline void brgemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t l
 // K rows at a stride of N floats (8 KB for 4H = 2048: 512 rows of two cache lines each, spread over 4 MB,
 // which the hardware prefetchers follow poorly).
 //
-// C[M, N] (+)= A[M, K] Bp, tiles of kTile rows x nb columns, K in chunks of 512 accumulated in place. Panel-
-// major tile order: a panel (<= 256 KB) stays in L2 while every row block of A passes over it.
+// C[M, N] (+)= A[M, K] Bp, tiles of row_tile rows x nb columns, K in chunks of 512 accumulated in place.
+// Panel-major tile order: a panel (<= 256 KB) stays in L2 while every row block of A passes over it.
+// Larger row tiles pay where A and a panel fit L2 together: one Zen 5 core runs the forward's input
+// projection, 256 rows x 8 panels of 128 columns, at ~200 GFLOP/s in 32-row tiles and ~224 as one 256-row
+// call per panel (A 512 KB + a 256 KB panel; microbenchmark, benchmarks/RESULTS.md lstm).
 inline void brgemm_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* Bp, int64_t nb,
-                          bool add_C, float* C, int64_t ldc, bool parallel) {
-  constexpr int64_t kTile = 32, kChunk = 512;
+                          bool add_C, float* C, int64_t ldc, bool parallel, int64_t row_tile = 32) {
+  constexpr int64_t kChunk = 512;
+  const int64_t kTile = row_tile;
   const int64_t mt = (M + kTile - 1) / kTile, nt = (N + nb - 1) / nb;
   const int64_t tiles = mt * nt;
   const bool small = !parallel || tiles * kTile * nb * K < (int64_t(1) << 19);

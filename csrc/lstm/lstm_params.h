@@ -134,6 +134,9 @@ struct LayerParams {
   // panels [ceil(H / gb), I or P, G * gb] (panel q: W^T's columns of units [q * gb, (q + 1) * gb), gate by
   // gate, zero past H), and gates_x / gates_h rows are in CellFwdParams' gate-blocked column order.
   int64_t gate_block = 0;
+  // CPU fp32, gate-blocked, one parallel region for the whole time loop (lstm_cpu.cpp, forward_persistent):
+  // w_ih_t / w_hh_t are empty buffers of the packed size, and each worker packs its own panels into them.
+  bool one_region = false;
   const void* w_ih_t = nullptr;
   const void* w_hh_t = nullptr;
   const void* w_hr_t = nullptr;

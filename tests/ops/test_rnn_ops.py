@@ -242,6 +242,79 @@ def test_layer_bit_identical_across_runs() -> None:
         assert torch.equal(a, b)
 
 
+# The fp32 CPU forward runs its time loop as one parallel region (threads own fixed 32-unit panels and meet at
+# a barrier per step) when steps are split across threads, else with a fork/join per step or on one thread.
+# The step threshold and the path are read from the environment once per process, so each variant runs in a
+# subprocess; all must give the same bits (outputs, final states and every gradient), twice in a row.
+_THREADS_SCRIPT = """
+import hashlib, json, sys
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+from fastdl.ops import rnn as R
+torch.set_num_threads(int(sys.argv[1]))
+digests = []
+# (mode, seq_len, batch, input_size, hidden, lengths, reverse): partial last panel (70, 100 units), two
+# 32-row tiles per step, packed batches in both directions, GRU and RNN.
+cases = [("LSTM", 5, 37, 40, 70, None, False), ("LSTM", 9, 40, 48, 100, [9, 2, 9, 4, 1] * 8, True),
+         ("GRU", 7, 33, 64, 96, [7, 3, 5] * 11, False), ("RNN_TANH", 6, 5, 32, 64, None, True)]
+for mode, seq_len, batch, input_size, hidden, lengths, reverse in cases:
+    torch.manual_seed(0)
+    g = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1}[mode] * hidden
+    x = torch.randn(seq_len, batch, input_size) * 0.5
+    batch_sizes = None
+    if lengths:
+        packed = pack_padded_sequence(x, torch.tensor(lengths), enforce_sorted=False)
+        x, batch_sizes = packed.data, packed.batch_sizes
+    args = dict(input=x, hx=torch.randn(batch, hidden) * 0.5,
+                cx=torch.randn(batch, hidden) * 0.5 if mode == "LSTM" else None, w_ih=torch.randn(g, input_size) * 0.1,
+                w_hh=torch.randn(g, hidden) * 0.1, b_ih=torch.randn(g), b_hh=torch.randn(g), w_hr=None,
+                batch_sizes=batch_sizes)
+    leaves = [v.requires_grad_() for k, v in args.items() if isinstance(v, torch.Tensor) and k != "batch_sizes"]
+    for run in range(2):
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                outs = [o for o in R.rnn_layer(**args, mode=mode, reverse=reverse) if o is not None]
+            h = hashlib.sha1()
+            for o in outs:
+                h.update(o.detach().numpy().tobytes())
+            if grad:
+                for d in torch.autograd.grad(outs, leaves, [torch.ones_like(o) for o in outs]):
+                    h.update(d.numpy().tobytes())
+            digests.append(h.hexdigest())
+print(json.dumps(digests))
+"""
+
+
+def _layer_digests(threads: int, **env: str) -> tuple[list[str], str]:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "FASTDL_RNN_PROFILE": "1", **env}
+    proc = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, str(threads)], env=full_env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout), proc.stderr
+
+
+def test_layer_one_region_bit_identical_to_other_paths() -> None:
+    one_region, log = _layer_digests(2, FASTDL_RNN_STEP_MFLOP="0")
+    if "(one region)" not in log:
+        pytest.skip("this build has no one-region forward (needs AVX-512 brgemm and OpenMP)")
+    # Every forward of the script took the one-region path (4 cases x 2 runs x 2), and no other.
+    assert log.count("rnn_layer forward (one region)") == 16 and log.count("rnn_layer forward ") == 16
+    # Two runs in one process: bit-identical.
+    assert one_region[0::4] == one_region[2::4] and one_region[1::4] == one_region[3::4]
+    fork_join, log = _layer_digests(2, FASTDL_RNN_STEP_MFLOP="0", FASTDL_RNN_ONE_REGION="0")
+    assert "(one region)" not in log and log.count("rnn_layer forward ") == 16
+    single, _ = _layer_digests(1)
+    # Three threads: panels split unevenly (3 of 16, 2 of 4 ...); cases with fewer panels than threads fall back.
+    three, log = _layer_digests(3, FASTDL_RNN_STEP_MFLOP="0")
+    assert "(one region)" in log
+    assert one_region == fork_join == single == three
+
+
 def test_layer_bf16_error_within_2x_of_torch() -> None:
     args = layer_inputs("LSTM", 12, 4, 16, 24, dtype=torch.bfloat16)
     fp32 = {k: (v.detach().float().requires_grad_() if v is not None and k != "batch_sizes" else v)
