@@ -22,7 +22,7 @@
 // im2col that writes and re-reads KH * KW copies of the input.
 //
 // fp32 math (fp32, bf16, fp16 inputs) with >= 16 channels per group in and out, except the NCHW 1x1 / stride 1
-// case above, takes the channels-last forward instead (forward_nhwc): C[pixels, Cout] = X^T W^T on a
+// case above from 64 output pixels per image on, takes the channels-last forward instead (forward_nhwc): C[pixels, Cout] = X^T W^T on a
 // channels-last zero-padded copy of each image and the weights packed once per call into [K, 64] panels. One
 // output row's pixels at one kernel tap are then a plain strided matrix (no im2col, none of the flat layout's
 // Wp - OW wasted columns, any stride and dilation); brgemm runs M = OW pixels x N = 64 channels x K = Cin per
@@ -304,6 +304,13 @@ struct Conv {
     direct_1x1 = p.kernel_h == 1 && p.kernel_w == 1 && p.stride_h == 1 && p.stride_w == 1 && p.pad_top == 0 &&
                  p.pad_left == 0 && p.x_stride[3] == 1 && (p.in_h == 1 || p.x_stride[2] == p.in_w) &&
                  (std::is_same_v<T, float> ? p.input_dtype == DType::kFloat32 : p.input_dtype == DType::kFloat64);
+    // Below 64 output pixels per image (7x7) an fp32 1x1 takes the channels-last path instead: 7x7x512, N = 8,
+    // 2 threads, interleaved A/B against eager conv -> BN -> ReLU (2026-11-21, load 1.5): 0.70x there
+    // against 0.80-0.84x for the in-place GEMM; at 14x14x256 the in-place GEMM stays ahead (0.46-0.50x
+    // against 0.48-0.51x).
+#if FASTDL_RNN_BRGEMM
+    if (std::is_same_v<T, float> && ohw < 64 && cin_g >= 16 && cout_g >= 16) direct_1x1 = false;
+#endif
     // Flat only from 14 columns on: measured single-thread at N=8 (benchmarks/RESULTS.md), it beats the
     // im2col path by 10-20% at 56x56x64 .. 14x14x256, and is 2x slower at 7x7x512, where the extra columns
     // are 29% of the work and each tile re-reads the 9.4 MB of weights.

@@ -140,7 +140,7 @@ def test_stride1_wide(k, padding, dilation, groups, channels_last, dtype):
 
 
 # The channels-last fp32 path (>= 16 channels per group in and out, everything but the NCHW 1x1 stride-1
-# case): "rows" (>= 12 output columns, one brgemm per output row and tap, KW taps merged when undilated with
+# case from 64 output pixels per image on): "rows" (>= 12 output columns, one brgemm per output row and tap, KW taps merged when undilated with
 # one group) and "gathered" (< 12 columns, image groups gathered into one GEMM, K in chunks of 512). Output
 # channels not a multiple of its 64-wide column blocks (72 = 64 + 8, 20 in one padded block), odd sizes,
 # strides, dilation, groups, asymmetric padding, both memory formats, residual (transposed and row-wise
@@ -156,6 +156,7 @@ NHWC_CASES = [
     (128, 80, 5, 6, 3, 1, 1, 1, 1, False, False, torch.float32, None),  # gathered, K = 1152: 3 K chunks
     (64, 96, 11, 10, 3, 2, 1, 2, 2, True, True, torch.float32, "sigmoid"),  # gathered, stride, dilation, groups
     (16, 32, 12, 12, 1, 1, 0, 1, 1, True, False, torch.float32, "relu"),  # 1x1 channels_last
+    (48, 40, 7, 7, 1, 1, 0, 1, 1, False, True, torch.float32, "relu"),  # NCHW 1x1 under 64 pixels: gathered
     (32, 40, 13, 25, 1, 2, 0, 1, 1, False, True, torch.float32, "relu"),  # 1x1 stride 2
     (32, 72, 13, 21, 3, 1, 1, 1, 1, False, True, torch.bfloat16, "silu"),  # bf16 rows
     (32, 40, 7, 9, 3, 1, 1, 1, 1, True, False, torch.bfloat16, "relu"),  # bf16 gathered, cl
