@@ -22,11 +22,12 @@
 // im2col that writes and re-reads KH * KW copies of the input.
 //
 // fp32 math (fp32, bf16, fp16 inputs) with >= 16 channels per group in and out, except the NCHW 1x1 / stride 1
-// case above from 64 output pixels per image on, takes the channels-last forward instead (forward_nhwc): C[pixels, Cout] = X^T W^T on a
-// channels-last zero-padded copy of each image and the weights packed once per call into [K, 64] panels. One
-// output row's pixels at one kernel tap are then a plain strided matrix (no im2col, none of the flat layout's
-// Wp - OW wasted columns, any stride and dilation); brgemm runs M = OW pixels x N = 64 channels x K = Cin per
-// tap (per kernel row: KW * Cin, when undilated), and the epilogue transposes the hot tile back to NCHW.
+// case above from 64 output pixels per image on, takes the channels-last forward instead (forward_nhwc):
+// C[pixels, Cout] = X^T W^T on a channels-last zero-padded copy of each image and the weights packed once per
+// call into [K, 64] panels. One output row's pixels at one kernel tap are then a plain strided matrix (no
+// im2col, none of the flat layout's Wp - OW wasted columns, any stride and dilation); brgemm runs M = OW
+// pixels x N = 64 channels x K = Cin per tap (per kernel row: KW * Cin, when undilated), and the epilogue
+// transposes the hot tile back to NCHW.
 // Profile before it (one thread, N = 8, 2026-11-21): the brgemm micro-kernel runs these shapes at 220-230
 // GFLOP/s in cache; the flat path reached 173 at 28x28x128 3x3 (wasted columns, a serial per-call weight
 // reorder, a 1 KB-strided B at 14x14 that ran at 165) and the im2col path 143 at 7x7x512.
@@ -57,76 +58,11 @@ namespace {
 
 using cpu::Vec;
 
-// ---- strided loads and stores with dtype conversion -------------------------------------------------
-
-template <typename S, typename T>
-inline void load_as(const S* src, int64_t stride, int64_t n, T* dst) {
-  if (stride == 1) {
-    if constexpr (std::is_same_v<S, T>) {
-      std::memcpy(dst, src, n * sizeof(T));
-    } else {
-      at::vec::convert(src, dst, n);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i * stride]);
-  }
-}
-
-template <typename T, typename S>
-inline void store_as(const T* src, int64_t n, S* dst, int64_t stride) {
-  if (stride == 1) {
-    if constexpr (std::is_same_v<S, T>) {
-      std::memcpy(dst, src, n * sizeof(T));
-    } else {
-      at::vec::convert(src, dst, n);
-    }
-  } else {
-    for (int64_t i = 0; i < n; ++i) dst[i * stride] = static_cast<S>(src[i]);
-  }
-}
-
-// dst[i] = base[offset + i * stride], i < n, converted to T.
-template <typename T>
-inline void load(const void* base, DType dt, int64_t offset, int64_t stride, int64_t n, T* dst) {
-  switch (dt) {
-    case DType::kFloat32: return load_as(static_cast<const float*>(base) + offset, stride, n, dst);
-    case DType::kFloat64: return load_as(static_cast<const double*>(base) + offset, stride, n, dst);
-    case DType::kBFloat16: return load_as(static_cast<const c10::BFloat16*>(base) + offset, stride, n, dst);
-    case DType::kFloat16: return load_as(static_cast<const c10::Half*>(base) + offset, stride, n, dst);
-  }
-}
-
-// base[offset + i * stride] = src[i], i < n.
-template <typename T>
-inline void store(const T* src, int64_t n, void* base, DType dt, int64_t offset, int64_t stride) {
-  switch (dt) {
-    case DType::kFloat32: return store_as(src, n, static_cast<float*>(base) + offset, stride);
-    case DType::kFloat64: return store_as(src, n, static_cast<double*>(base) + offset, stride);
-    case DType::kBFloat16: return store_as(src, n, static_cast<c10::BFloat16*>(base) + offset, stride);
-    case DType::kFloat16: return store_as(src, n, static_cast<c10::Half*>(base) + offset, stride);
-  }
-}
-
-template <typename T>
-inline Vec<T> vload(const T* p, int64_t cnt) {
-  return cnt == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, cnt);
-}
-template <typename T>
-inline void vstore(const Vec<T>& v, T* p, int64_t cnt) {
-  if (cnt == Vec<T>::size()) {
-    v.store(p);
-  } else {
-    v.store(p, cnt);
-  }
-}
-template <typename T>
-inline T hsum(const Vec<T>& v) {
-  alignas(64) T buf[Vec<T>::size()];
-  v.store(buf);
-  T sum = T(0);
-  for (int64_t i = 0; i < Vec<T>::size(); ++i) sum += buf[i];
-  return sum;
-}
+using cpu::hsum;
+using cpu::load_row;
+using cpu::store_row;
+using cpu::vload;
+using cpu::vstore;
 
 // ---- activations: value and derivative, both from the pre-activation z ------------------------------
 
@@ -273,7 +209,7 @@ struct Conv {
       w = static_cast<const T*>(p.weight);
     } else {
       w_own.resize(p.out_channels * K);
-      load(p.weight, p.input_dtype, 0, 1, p.out_channels * K, w_own.data());
+      load_row(p.weight, p.input_dtype, 0, 1, p.out_channels * K, w_own.data());
       w = w_own.data();
     }
     s.assign(p.out_channels, T(1)), t.assign(p.out_channels, T(0));
@@ -386,8 +322,9 @@ struct Conv {
             tap_range(kw, ow0, cnt, a, lo, hi);
             std::fill(dst + j, dst + j + (lo - ow0), T(0));
             if (hi > lo) {
-              load(p.x, p.input_dtype, n * p.x_stride[0] + c_off + ih * p.x_stride[2] + (lo * sw - a) * p.x_stride[3],
-                   sw * p.x_stride[3], hi - lo, dst + j + (lo - ow0));
+              load_row(p.x, p.input_dtype,
+                       n * p.x_stride[0] + c_off + ih * p.x_stride[2] + (lo * sw - a) * p.x_stride[3],
+                       sw * p.x_stride[3], hi - lo, dst + j + (lo - ow0));
             }
             std::fill(dst + j + (hi - ow0), dst + j + cnt, T(0));
           });
@@ -439,7 +376,7 @@ struct Conv {
   void epilogue_run(T* v, int64_t cnt, int64_t c, int64_t n, int64_t pix, T* rbuf) const {
     const Vec<T> slope(T(p.slope)), sc(s[c]), sh(t[c]);
     if (p.residual) {
-      load(p.residual, p.input_dtype, n * p.res_stride_n + c * p.res_stride_c + pix * p.res_stride_p,
+      load_row(p.residual, p.input_dtype, n * p.res_stride_n + c * p.res_stride_c + pix * p.res_stride_p,
            p.res_stride_p, cnt, rbuf);
     }
     for (int64_t j = 0; j < cnt; j += Vec<T>::size()) {
@@ -448,7 +385,7 @@ struct Conv {
       if (p.residual) z = z + vload(rbuf + j, k);
       vstore(act_fwd<A>(z, slope), v + j, k);
     }
-    store(v, cnt, p.out, p.input_dtype, n * p.out_stride_n + c * p.out_stride_c + pix * p.out_stride_p,
+    store_row(v, cnt, p.out, p.input_dtype, n * p.out_stride_n + c * p.out_stride_c + pix * p.out_stride_p,
           p.out_stride_p);
   }
 
@@ -506,7 +443,7 @@ struct Conv {
             continue;
           }
           std::fill(row, row + pl, T(0));
-          load(p.x, p.input_dtype, n * p.x_stride[0] + c * p.x_stride[1] + ih * p.x_stride[2], p.x_stride[3], W,
+          load_row(p.x, p.input_dtype, n * p.x_stride[0] + c * p.x_stride[1] + ih * p.x_stride[2], p.x_stride[3], W,
                row + pl);
           std::fill(row + pl + W, row + Wp, T(0));
         }
@@ -598,14 +535,16 @@ struct Conv {
       std::fill(row + hi * C, row + Wx * C, 0.f);
       const int64_t base = n * p.x_stride[0] + ih * p.x_stride[2] + (lo - pl) * p.x_stride[3];
       if (p.x_stride[1] == 1) {  // channels_last x: each pixel's channels are contiguous
-        for (int64_t q = lo; q < hi; ++q) load(p.x, p.input_dtype, base + (q - lo) * p.x_stride[3], 1, C, row + q * C);
+        for (int64_t q = lo; q < hi; ++q) {
+          load_row(p.x, p.input_dtype, base + (q - lo) * p.x_stride[3], 1, C, row + q * C);
+        }
       } else if (p.input_dtype == DType::kFloat32 && p.x_stride[3] == 1) {
         // [C, hi - lo] rows of x -> [hi - lo, C]
         transpose(static_cast<const float*>(p.x) + base, p.x_stride[1], row + lo * C, C, C, hi - lo);
       } else {
         tmp.resize(hi - lo);
         for (int64_t c = 0; c < C; ++c) {
-          load(p.x, p.input_dtype, base + c * p.x_stride[1], p.x_stride[3], hi - lo, tmp.data());
+          load_row(p.x, p.input_dtype, base + c * p.x_stride[1], p.x_stride[3], hi - lo, tmp.data());
           for (int64_t q = lo; q < hi; ++q) row[q * C + c] = tmp[q - lo];
         }
       }
@@ -696,7 +635,7 @@ struct Conv {
       for (int64_t i = 0; i < M; ++i) {
         float* v = ct + i * ldc;
         if (p.residual) {
-          load(p.residual, p.input_dtype, n * p.res_stride_n + c0 + (pix0 + i) * p.res_stride_p, 1, nbc, rbuf);
+          load_row(p.residual, p.input_dtype, n * p.res_stride_n + c0 + (pix0 + i) * p.res_stride_p, 1, nbc, rbuf);
         }
         for (int64_t j = 0; j < nbc; j += Vec<float>::size()) {
           const int64_t k = std::min<int64_t>(Vec<float>::size(), nbc - j);
@@ -704,7 +643,7 @@ struct Conv {
           if (p.residual) z = z + vload(rbuf + j, k);
           vstore(act_fwd<A>(z, slope), v + j, k);
         }
-        store(v, nbc, p.out, p.input_dtype, n * p.out_stride_n + c0 + (pix0 + i) * p.out_stride_p, 1);
+        store_row(v, nbc, p.out, p.input_dtype, n * p.out_stride_n + c0 + (pix0 + i) * p.out_stride_p, 1);
       }
       return;
     }
@@ -892,13 +831,13 @@ struct Conv {
               T* row = acc.data() + oc * n_pix;
               if (p.residual) {
                 for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
-                  load(p.residual, p.input_dtype, n * p.res_stride_n + c * p.res_stride_c + pix * p.res_stride_p,
+                  load_row(p.residual, p.input_dtype, n * p.res_stride_n + c * p.res_stride_c + pix * p.res_stride_p,
                        p.res_stride_p, cnt, zbuf.data() + j);
                 });
               }
               T* gbuf = dcol.data();  // dcol is free until the second GEMM: it holds dout's row meanwhile
               for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
-                load(b.dout, p.input_dtype, n * b.dout_stride_n + c * b.dout_stride_c + pix * b.dout_stride_p,
+                load_row(b.dout, p.input_dtype, n * b.dout_stride_n + c * b.dout_stride_c + pix * b.dout_stride_p,
                      b.dout_stride_p, cnt, gbuf + j);
               });
               const Vec<T> sc(s[c]), sh(t[c]);
@@ -917,7 +856,7 @@ struct Conv {
               dt[c] += hsum(sum_g), ds[c] += hsum(sum_ga);
               if (b.dresidual) {
                 for_images(m0, n_pix, [&](int64_t j, int64_t n, int64_t pix, int64_t cnt) {
-                  store(gbuf + j, cnt, b.dresidual, p.input_dtype,
+                  store_row(gbuf + j, cnt, b.dresidual, p.input_dtype,
                         n * b.dres_stride_n + c * b.dres_stride_c + pix * b.dres_stride_p, b.dres_stride_p);
                 });
               }
@@ -958,7 +897,7 @@ struct Conv {
                          for (int64_t r = lo; r < hi; ++r) {
                            const int64_t ih = r % p.in_h, c = (r / p.in_h) % p.in_channels,
                                          n = r / (p.in_h * p.in_channels);
-                           store(dx + r * p.in_w, p.in_w, b.dx, p.input_dtype,
+                           store_row(dx + r * p.in_w, p.in_w, b.dx, p.input_dtype,
                                  n * b.dx_stride[0] + c * b.dx_stride[1] + ih * b.dx_stride[2], b.dx_stride[3]);
                          }
                        });
