@@ -22,12 +22,14 @@ import torch
 import fastdl
 
 
-def median_times(fns: list[Callable[[], object]], repeats: int, clock: Callable[[], float] = time.perf_counter
-                 ) -> list[float]:
-    """Median time of each function by `clock`, calls interleaved in rotating order so that load from other
-    processes on a shared machine falls on every contender alike."""
+def interleaved_times(fns: list[Callable[[], object]], repeats: int, clock: Callable[[], float] = time.perf_counter,
+                      warmup: int = 1) -> list[list[float]]:
+    """Seconds by `clock` of `repeats` calls of each function, interleaved in rotating order so that load from
+    other processes on a shared machine falls on every contender alike, after `warmup` calls each
+    (allocations, oneDNN primitive creation, brgemm kernel generation)."""
     for fn in fns:
-        fn()  # warm-up: allocations, oneDNN primitive creation, brgemm kernel generation
+        for _ in range(warmup):
+            fn()
     times: list[list[float]] = [[] for _ in fns]
     for r in range(repeats):
         for i in range(len(fns)):
@@ -35,7 +37,13 @@ def median_times(fns: list[Callable[[], object]], repeats: int, clock: Callable[
             start = clock()
             fns[j]()
             times[j].append(clock() - start)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def median_times(fns: list[Callable[[], object]], repeats: int, clock: Callable[[], float] = time.perf_counter
+                 ) -> list[float]:
+    """Median seconds of each function's interleaved calls (interleaved_times)."""
+    return [statistics.median(t) for t in interleaved_times(fns, repeats, clock)]
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import time
 from typing import Callable
 
 import torch
+from bench_rnn import interleaved_times  # benchmarks/ is on sys.path when run as a script
 
 import fastdl
 
@@ -26,16 +27,7 @@ import fastdl
 def interleaved(fns: list[Callable[[], object]], repeats: int, clock: Callable[[], float]
                 ) -> tuple[list[float], list[float]]:
     """Median and minimum ms of each function, calls in rotating order after two warm-up calls each."""
-    for fn in fns:
-        fn()
-        fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for r in range(repeats):
-        for i in range(len(fns)):
-            j = (i + r) % len(fns)
-            start = clock()
-            fns[j]()
-            times[j].append(clock() - start)
+    times = interleaved_times(fns, repeats, clock, warmup=2)
     return [statistics.median(t) * 1e3 for t in times], [min(t) * 1e3 for t in times]
 
 

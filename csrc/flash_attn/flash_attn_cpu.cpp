@@ -43,6 +43,9 @@ namespace {
 
 using cpu::ceil_div;
 using cpu::Vec;
+using cpu::vexp_u20;
+using cpu::vload;
+using cpu::vstore;
 using cpu_gemm::kPanel;
 using cpu_gemm::PackedB;
 
@@ -100,27 +103,6 @@ class Scratch {
 
 // ---- small helpers ------------------------------------------------------------------------------
 
-// exp for the softmax: fp32 uses at::vec's 20-ulp polynomial (what torch's own CPU flash attention
-// uses; about 1.2e-6 relative), fp64 the accurate Sleef exp.
-template <typename T>
-inline Vec<T> vexp(const Vec<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
-
-template <typename T>
-inline Vec<T> load_n(const T* p, int64_t n) {
-  return n == Vec<T>::size() ? Vec<T>::loadu(p) : Vec<T>::loadu(p, n);
-}
-
-template <typename T>
-inline void store_n(const Vec<T>& v, T* p, int64_t n) {
-  n == Vec<T>::size() ? v.store(p) : v.store(p, n);
-}
-
 // A [rows x d] tile in the math type: the storage itself when it already is the math type (leading
 // dimension ld), else a converted copy in buf (leading dimension d).
 template <typename scalar_t, typename acc_t>
@@ -147,7 +129,7 @@ inline void store_rows(const acc_t* src, int64_t ld_src, int64_t rows, int64_t d
     const V f(scale ? scale[r] : acc_t(1));
     for (int64_t j = 0; j < d; j += W) {
       const int64_t n = std::min(W, d - j);
-      store_n(load_n(s + j, n) * f, t + j, n);
+      vstore(vload(s + j, n) * f, t + j, n);
     }
     if constexpr (!std::is_same_v<scalar_t, acc_t>) cpu::convert_n(row_buf, dst + r * ld_dst, d);
   }
@@ -234,8 +216,8 @@ inline T score_row_max(T* s, int64_t c0, int64_t c1, T softcap, T neg_slope, T d
   V vmax = neg_inf;
   for (int64_t j = c0; j < c1; j += W) {
     const int64_t n = std::min(W, c1 - j);
-    V x = score<T, kSoftcap, kAlibi>(load_n(s + j, n), softcap, neg_slope, dist0, j);
-    if constexpr (kSoftcap || kAlibi) store_n(x, s + j, n);
+    V x = score<T, kSoftcap, kAlibi>(vload(s + j, n), softcap, neg_slope, dist0, j);
+    if constexpr (kSoftcap || kAlibi) vstore(x, s + j, n);
     // clamp_min is a bare vmaxps; at::vec::maximum adds a NaN check that cost ~15% of this loop.
     vmax = at::vec::clamp_min(vmax, n == W ? x : V::set(neg_inf, x, n));
   }
@@ -250,8 +232,8 @@ inline T exp_row_sum(T* s, int64_t c0, int64_t c1, T sub) {
   V vsum(T(0));
   for (int64_t j = c0; j < c1; j += W) {
     const int64_t n = std::min(W, c1 - j);
-    V e = vexp(load_n(s + j, n) - V(sub));
-    store_n(e, s + j, n);
+    V e = vexp_u20(vload(s + j, n) - V(sub));
+    vstore(e, s + j, n);
     vsum += n == W ? e : V::set(V(T(0)), e, n);
   }
   return at::vec::vec_reduce_all<T>([](V a, V b) { return a + b; }, vsum);
@@ -265,14 +247,14 @@ inline void prob_row(T* s, T* dtanh, int64_t c0, int64_t c1, T softcap, T neg_sl
   constexpr int64_t W = V::size();
   for (int64_t j = c0; j < c1; j += W) {
     const int64_t n = std::min(W, c1 - j);
-    V x = load_n(s + j, n);
+    V x = vload(s + j, n);
     if constexpr (kSoftcap) {
       const V t = x.tanh();
-      store_n(V(T(1)) - t * t, dtanh + j, n);
+      vstore(V(T(1)) - t * t, dtanh + j, n);
       x = V(softcap) * t;
     }
     if constexpr (kAlibi) x = x + V(neg_slope) * (V(dist0) - V::arange(T(j), T(1))).abs();
-    store_n(vexp(x - V(lse)), s + j, n);
+    vstore(vexp_u20(x - V(lse)), s + j, n);
   }
 }
 
@@ -348,7 +330,7 @@ void fwd_block(const FwdParams& p, const FwdPacks<cpu::opmath_t<scalar_t>>& pack
         acc_t* o = o_acc + r * d;
         for (int64_t j = 0; j < d; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), d - j);
-          store_n(load_n(o + j, n) * V(rescale), o + j, n);
+          vstore(vload(o + j, n) * V(rescale), o + j, n);
         }
       }
     }
@@ -412,7 +394,7 @@ void fwd_row(const FwdParams& p, int64_t b, int64_t h, int64_t i, const Seq& seq
     V acc(acc_t(0));
     for (int64_t c = 0; c < d; c += W) {
       const int64_t n = std::min(W, d - c);
-      acc = at::vec::fmadd(load_n(qv + c, n), load_n(kv + c, n), acc);
+      acc = at::vec::fmadd(vload(qv + c, n), vload(kv + c, n), acc);
     }
     s[j] = alpha * at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc);
   }
@@ -429,7 +411,7 @@ void fwd_row(const FwdParams& p, int64_t b, int64_t h, int64_t i, const Seq& seq
     const V pj(s[j]);
     for (int64_t c = 0; c < d; c += W) {
       const int64_t n = std::min(W, d - c);
-      store_n(at::vec::fmadd(pj, load_n(vv + c, n), load_n(o + c, n)), o + c, n);
+      vstore(at::vec::fmadd(pj, vload(vv + c, n), vload(o + c, n)), o + c, n);
     }
   }
   const acc_t inv = acc_t(1) / l;
@@ -595,10 +577,10 @@ void bwd_key_block(const BwdParams& p, const BwdPacks<cpu::opmath_t<scalar_t>>& 
         const V dr(delta_h[r]);
         for (int64_t j = 0; j < nb; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), nb - j);
-          V ds = load_n(pr + j, n) * (load_n(dsr + j, n) - dr);
+          V ds = vload(pr + j, n) * (vload(dsr + j, n) - dr);
           // dtanh outside a row's visible keys holds stale but finite values, and P is 0 there.
-          if constexpr (kSoftcap) ds = ds * load_n(dtr + j, n);
-          store_n(ds, dsr + j, n);
+          if constexpr (kSoftcap) ds = ds * vload(dtr + j, n);
+          vstore(ds, dsr + j, n);
         }
       }
       cpu_gemm::gemm<acc_t>(nb, d, mb, scale, ds_tile, 1, nb, q_packed, true, dk_acc, d);  // dK += dS^T Q
@@ -655,7 +637,7 @@ void bwd_cpu(const BwdParams& p) {
         V acc(acc_t(0));
         for (int64_t j = 0; j < d; j += V::size()) {
           const int64_t n = std::min<int64_t>(V::size(), d - j);
-          acc = acc + load_n(ov + j, n) * load_n(gv + j, n);
+          acc = acc + vload(ov + j, n) * vload(gv + j, n);
         }
         acc_t dsum = at::vec::vec_reduce_all<acc_t>([](V x, V y) { return x + y; }, acc);
         if (p.dsoftmax_lse) dsum -= static_cast<const acc_t*>(p.dsoftmax_lse)[lse_index(p, b, s, h, i)];
@@ -724,7 +706,7 @@ void bwd_cpu(const BwdParams& p) {
           const acc_t* part = src + sp * total_q * H * d;
           for (int64_t j = 0; j < d; j += V::size()) {
             const int64_t n = std::min<int64_t>(V::size(), d - j);
-            store_n(load_n(row.data() + j, n) + load_n(part + j, n), row.data() + j, n);
+            vstore(vload(row.data() + j, n) + vload(part + j, n), row.data() + j, n);
           }
         }
         store_rows<acc_t, scalar_t>(row.data(), d, 1, d, nullptr, dq + h * p.dq_head_stride, d, row.data());

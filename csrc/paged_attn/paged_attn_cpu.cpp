@@ -40,6 +40,7 @@ namespace {
 
 using cpu::ceil_div;
 using cpu::Vec;
+using cpu::vexp_u20;
 using cpu::vload;
 using cpu::vstore;
 
@@ -59,17 +60,6 @@ constexpr int64_t kPrefetchRows = 8;
 // Keys per step of the inner loops: one load of a q row serves 4 dot products, whose horizontal sums are
 // done together (sum4), and one load/store of an output row serves 4 multiply-adds.
 constexpr int64_t kRun = 4;
-
-
-// exp for the softmax: fp32 uses at::vec's 20-ulp polynomial (as torch's CPU flash attention), fp64 Sleef.
-template <typename T>
-inline Vec<T> vexp(const Vec<T>& x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x.exp_u20();
-  } else {
-    return x.exp();
-  }
-}
 
 // Keys of sequence b: seqlen_k, and query i's visible range [lo(i), hi(i)).
 struct Seq {
@@ -270,7 +260,7 @@ inline void softmax_update(acc_t* s, int64_t n, int64_t c0, int64_t c1, acc_t so
   V vsum(acc_t(0));
   for (int64_t j = c0; j < c1; j += W) {
     const int64_t k = std::min(W, c1 - j);
-    const V e = vexp(vload(s + j, k) - V(m_new));
+    const V e = vexp_u20(vload(s + j, k) - V(m_new));
     vstore(e, s + j, k);
     vsum += k == W ? e : V::set(V(acc_t(0)), e, k);
   }
