@@ -221,10 +221,15 @@ TORCH_LIBRARY(fastdl, m) {
   // format); weight (C_out, C_in / groups, kH, kW) in x's dtype; bias, scale, shift (C_out,) in x's dtype
   // or fp32; residual (N, C_out, H_out, W_out) in x's dtype. stride, dilation (h, w); padding (top,
   // bottom, left, right). activation: none, relu, leaky_relu (negative slope `slope`), silu, gelu (erf),
-  // sigmoid, tanh.
+  // sigmoid, tanh. packed_weight: conv2d_pack_weight(weight, groups), CPU only, or None.
   m.def(
       "conv2d_fused(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[4] padding, int[2] dilation, "
-      "int groups, Tensor? scale, Tensor? shift, str activation, float slope, Tensor? residual) -> Tensor");
+      "int groups, Tensor? scale, Tensor? shift, str activation, float slope, Tensor? residual, "
+      "Tensor? packed_weight=None) -> Tensor");
+  // The CPU forward's weight panels for conv2d_fused's packed_weight: a 1-D float32 tensor, empty where the
+  // CPU forward does not use them (float64, or fewer than 16 channels per group in or out). Inference modules
+  // pack once and pass them back on every call (fastdl.nn.Conv2d); the caller repacks when the weight changes.
+  m.def("conv2d_pack_weight(Tensor weight, int groups) -> Tensor");
   // Its backward in one pass (the forward GEMM is recomputed per tile): grad_x, grad_weight, grad_bias,
   // grad_scale, grad_shift, grad_residual; the gradient of an absent optional input is an empty (0,) tensor.
   m.def(

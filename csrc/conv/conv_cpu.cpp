@@ -170,6 +170,37 @@ inline void transpose(const float* src, int64_t lds, float* dst, int64_t ldd, in
       transpose16(src + i * lds + j, lds, dst + j * ldd + i, ldd, int(std::min<int64_t>(16, rows - i)),
                   int(std::min<int64_t>(16, cols - j)));
 }
+
+// The weight panels of the channels-last forward (see Conv::forward_nhwc), for Cout_g output channels per
+// group in column blocks of panel_cols(Cout_g):
+//   wc[g, j, k, o] = w[g * Cout_g + j * Nb + o, ci, kh, kw] with k = (kh * KW + kw) * Cin_g + ci, zero for
+//   o past Cout_g: per group, column block j of Nb output channels is a row-major [K, Nb] brgemm B operand
+//   whose rows [tap * Cin_g, (tap + 1) * Cin_g) are one tap's [Cin_g, Nb] weights.
+// Packed per call, or once by conv2d_pack_weight for inference modules that pass it back as packed_weight.
+// Nb: 4 AVX-512 vectors (a 6 x 64 register block), fewer for narrow groups.
+inline int64_t panel_cols(int64_t cout_g) { return std::min<int64_t>(64, (cout_g + 15) / 16 * 16); }
+
+void pack_weight_panels(const float* w, int64_t groups, int64_t cout_g, int64_t cin_g, int64_t taps, float* wc) {
+  const int64_t Nb = panel_cols(cout_g), K = cin_g * taps, ncb = (cout_g + Nb - 1) / Nb, nob = Nb / 16;
+  // Items of 16 output channels: per input channel, the [16, taps] block of w (row stride K) is transposed in
+  // registers into the 64-byte pieces of taps panel rows. Element by element the 9.4 MB of 7x7x512 3x3 took
+  // ~2 ms, now ~1.1 (one thread; a plain copy of as many bytes takes 0.2, the 16 x 16 transposes' shuffles
+  // are the limit); the panel rows kept in w's own (ci, tap) order pack faster but made the per-tap B
+  // operand strided, and the GEMMs lost more (14x14x256 3x3: 8.1 -> 9.3 ms).
+  at::parallel_for(0, groups * ncb * nob, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t gj = item / nob, g = gj / ncb, j = gj % ncb, o0 = item % nob * 16;
+      const int64_t rows = std::clamp<int64_t>(cout_g - j * Nb - o0, 0, 16);
+      float* dst = wc + gj * K * Nb + o0;
+      if (rows < 16) {  // zero past Cout_g (the masked stores leave those lanes alone)
+        for (int64_t k = 0; k < K; ++k) std::fill_n(dst + k * Nb, 16, 0.f);
+      }
+      if (rows == 0) continue;
+      const float* src = w + (g * cout_g + j * Nb + o0) * K;
+      for (int64_t ci = 0; ci < cin_g; ++ci) transpose(src + ci * taps, K, dst + ci * Nb, cin_g * Nb, rows, taps);
+    }
+  });
+}
 #endif
 
 #if FASTDL_RNN_BRGEMM
@@ -243,9 +274,14 @@ struct Conv {
     // Below 64 output pixels per image (7x7) an fp32 1x1 takes the channels-last path instead: 7x7x512, N = 8,
     // 2 threads, interleaved A/B against eager conv -> BN -> ReLU (2026-11-21, load 1.5): 0.70x there
     // against 0.80-0.84x for the in-place GEMM; at 14x14x256 the in-place GEMM stays ahead (0.46-0.50x
-    // against 0.48-0.51x).
+    // against 0.48-0.51x) while the weights are packed per call. With them packed beforehand (packed_weight)
+    // the channels-last path wins at 14x14x256 too (2 threads, interleaved, medians of 60: 0.57-0.58 ms
+    // against 0.62 for the in-place GEMM, eager 0.69); at 28x28x128 the two are even (0.82-1.12 ms), so the
+    // cut is then at 256 pixels.
 #if FASTDL_RNN_BRGEMM
-    if (std::is_same_v<T, float> && ohw < 64 && cin_g >= 16 && cout_g >= 16) direct_1x1 = false;
+    if (std::is_same_v<T, float> && ohw < (p.packed_weight ? 256 : 64) && cin_g >= 16 && cout_g >= 16) {
+      direct_1x1 = false;
+    }
 #endif
     // Flat only from 14 columns on: measured single-thread at N=8 (benchmarks/RESULTS.md), it beats the
     // im2col path by 10-20% at 56x56x64 .. 14x14x256, and is 2x slower at 7x7x512, where the extra columns
@@ -262,14 +298,11 @@ struct Conv {
         nhwc = true, flat = false;
         Hx = (p.out_h - 1) * p.stride_h + (p.kernel_h - 1) * p.dilation_h + 1;
         Wx = (p.out_w - 1) * p.stride_w + (p.kernel_w - 1) * p.dilation_w + 1;
-        Nb = std::min<int64_t>(kNb, (cout_g + 15) / 16 * 16);
+        Nb = panel_cols(cout_g);
       }
     }
 #endif
   }
-
-  // Output channels per brgemm column block of the nhwc path: 4 AVX-512 vectors, a 6 x 64 register block.
-  static constexpr int64_t kNb = 64;
 
   // For a 1x1 unpadded stride-1 conv on an NCHW math-type x, col of a tile inside one image is x itself:
   // rows ci at stride x_stride[1]. Returns nullptr when the tile crosses images.
@@ -582,30 +615,18 @@ struct Conv {
     return xi;
   }
 
-  // wc[g, j, k, o] = w[g * Cout_g + j * Nb + o, ci, kh, kw] with k = (kh * KW + kw) * Cin_g + ci, zero for
-  // o past Cout_g: per group, column block j of Nb output channels is a row-major [K, Nb] brgemm B operand
-  // whose rows [tap * Cin_g, (tap + 1) * Cin_g) are one tap's [Cin_g, Nb] weights.
-  const float* pack_w_nhwc() const {
-    const int64_t taps = p.kernel_h * p.kernel_w, ncb = (cout_g + Nb - 1) / Nb, nob = Nb / 16;
-    float* wc = scratch(kPanels, p.groups * ncb * K * Nb);  // the calling thread's
-    // Items of 16 output channels: per input channel, the [16, taps] block of w (row stride K) is transposed in
-    // registers into the 64-byte pieces of taps panel rows. Element by element the 9.4 MB of 7x7x512 3x3 took
-    // ~2 ms, now ~1.1 (one thread; a plain copy of as many bytes takes 0.2, the 16 x 16 transposes' shuffles
-    // are the limit); the panel rows kept in w's own (ci, tap) order pack faster but made the per-tap B
-    // operand strided, and the GEMMs lost more (14x14x256 3x3: 8.1 -> 9.3 ms).
-    at::parallel_for(0, p.groups * ncb * nob, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t gj = item / nob, g = gj / ncb, j = gj % ncb, o0 = item % nob * 16;
-        const int64_t rows = std::clamp<int64_t>(cout_g - j * Nb - o0, 0, 16);
-        float* dst = wc + gj * K * Nb + o0;
-        if (rows < 16) {  // zero past Cout_g (the masked stores leave those lanes alone)
-          for (int64_t k = 0; k < K; ++k) std::fill_n(dst + k * Nb, 16, 0.f);
-        }
-        if (rows == 0) continue;
-        const T* src = w + (g * cout_g + j * Nb + o0) * K;
-        for (int64_t ci = 0; ci < cin_g; ++ci) transpose(src + ci * taps, K, dst + ci * Nb, cin_g * Nb, rows, taps);
-      }
-    });
+  // The weight panels (pack_weight_panels): the caller's packed_weight when it passed one (an inference
+  // module's, packed once: at 7x7x512 3x3 the pack is 9.4 MB and ~1.1 ms of ~5.5 ms per thread), else
+  // packed now into the calling thread's scratch.
+  const float* weight_panels() const {
+    if (p.packed_weight) {
+      const int64_t want = p.groups * ((cout_g + Nb - 1) / Nb) * K * Nb;
+      TORCH_CHECK(p.packed_weight_numel == want, "conv2d_fused: packed_weight must be conv2d_pack_weight(weight, ",
+                  p.groups, ") of this weight: expected ", want, " values, got ", p.packed_weight_numel);
+      return p.packed_weight;
+    }
+    float* wc = scratch(kPanels, p.groups * ((cout_g + Nb - 1) / Nb) * K * Nb);
+    pack_weight_panels(w, p.groups, cout_g, cin_g, p.kernel_h * p.kernel_w, wc);
     return wc;
   }
 
@@ -652,7 +673,7 @@ struct Conv {
   }
 
   // The fp32 forward on channels-last tiles: C[pixels, Cout] = X^T W^T, against the weights packed once per
-  // call into [K, Nb] column-block panels (pack_w_nhwc). Each image is packed channels-last and zero-padded
+  // call into [K, Nb] column-block panels (pack_weight_panels). Each image is packed channels-last and zero-padded
   // (pack_image) by the first thread that needs it, right before its items, so that it is in that core's L2
   // (0.9 MB at 56x56x64; see packed_images). Two schedules, both image-major and deterministic (each output
   // element is computed by one thread in a fixed order):
@@ -663,7 +684,7 @@ struct Conv {
   //  - gathered (OW < 12, the 7x7 stage, where M = OW would be too short for brgemm): see forward_gathered.
   template <Activation A>
   void forward_nhwc() const {
-    const float* wc = pack_w_nhwc();
+    const float* wc = weight_panels();
     if (p.out_w < 12) return forward_gathered<A>(wc);
     const int64_t C = p.in_channels, OH = p.out_h, OW = p.out_w, KW = p.kernel_w, taps = p.kernel_h * KW;
     const int64_t sh = p.stride_h, sw = p.stride_w, dh = p.dilation_h, dw = p.dilation_w;
@@ -929,7 +950,37 @@ void bwd_cpu(const Conv2dBwdParams& p) {
   bwd_impl<float>(p);
 }
 
+// conv2d_pack_weight (schema in csrc/ops.cpp): weight [Cout, Cin_g, KH, KW] -> the 1-D fp32 panels
+// (pack_weight_panels), empty where the forward takes no panels.
+at::Tensor conv2d_pack_weight(const at::Tensor& weight, int64_t groups) {
+  const char* op = "conv2d_pack_weight";
+  TORCH_CHECK(weight.dim() == 4, op, ": weight must have shape (C_out, C_in / groups, kH, kW), got ",
+              shape_str(weight.sizes()));
+  TORCH_CHECK(groups >= 1 && weight.size(0) % groups == 0, op, ": groups (", groups,
+              ") must be positive and divide the output channels (weight.shape[0] = ", weight.size(0), ")");
+  const auto t = weight.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
+              ": weight must be float32, float64, bfloat16 or float16, got ", t);
+  const int64_t cout_g = weight.size(0) / groups, cin_g = weight.size(1), taps = weight.size(2) * weight.size(3);
+  const auto options = weight.options().dtype(at::kFloat);
+#if FASTDL_RNN_BRGEMM
+  // As Conv's choice of the channels-last forward: fp32 math, >= 16 channels per group in and out.
+  if (t != at::kDouble && cin_g >= 16 && cout_g >= 16) {
+    const at::Tensor w = weight.to(at::kFloat).contiguous();
+    const int64_t Nb = panel_cols(cout_g);
+    at::Tensor packed = at::empty({groups * ((cout_g + Nb - 1) / Nb) * cin_g * taps * Nb}, options);
+    pack_weight_panels(w.data_ptr<float>(), groups, cout_g, cin_g, taps, packed.data_ptr<float>());
+    return packed;
+  }
+#endif
+  return at::empty({0}, options);
+}
+
 }  // namespace
 }  // namespace fastdl::conv
 
-TORCH_LIBRARY_IMPL(fastdl, CPU, m) { FASTDL_REGISTER_CONV2D_IMPLS(m, fastdl::conv::fwd_cpu, fastdl::conv::bwd_cpu); }
+TORCH_LIBRARY_IMPL(fastdl, CPU, m) {
+  m.impl("conv2d_fused", &fastdl::conv::conv2d_fused<fastdl::conv::fwd_cpu>);
+  m.impl("conv2d_fused_backward", &fastdl::conv::conv2d_fused_backward<fastdl::conv::bwd_cpu>);
+  m.impl("conv2d_pack_weight", &fastdl::conv::conv2d_pack_weight);
+}

@@ -77,9 +77,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv2d_fused_backward
                                                 shift, activation, slope, residual);
 }
 
+namespace {
+// The op's schema (csrc/ops.cpp) ends in packed_weight, the CPU forward's weight layout: None on CUDA.
+Tensor conv2d_fused_cuda_op(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::IntArrayRef stride,
+                            c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups,
+                            const OptTensor& scale, const OptTensor& shift, c10::string_view activation, double slope,
+                            const OptTensor& residual, const OptTensor& packed_weight) {
+  TORCH_CHECK(!packed_weight, "conv2d_fused: packed_weight is the CPU kernel's weight layout; pass None on CUDA");
+  return conv2d_fused_cuda(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, slope,
+                           residual);
+}
+}  // namespace
+
 }  // namespace fastdl::conv
 
 TORCH_LIBRARY_IMPL(fastdl, CUDA, m) {
-  m.impl("conv2d_fused", &fastdl::conv::conv2d_fused_cuda);
+  m.impl("conv2d_fused", &fastdl::conv::conv2d_fused_cuda_op);
   m.impl("conv2d_fused_backward", &fastdl::conv::conv2d_fused_backward_cuda);
 }

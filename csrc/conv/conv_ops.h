@@ -155,9 +155,18 @@ using ConvBwdFn = void (*)(const Conv2dBwdParams&);
 template <ConvFwdFn Launch>
 Tensor conv2d_fused(const Tensor& x, const Tensor& weight, const OptTensor& bias, c10::IntArrayRef stride,
                     c10::IntArrayRef padding, c10::IntArrayRef dilation, int64_t groups, const OptTensor& scale,
-                    const OptTensor& shift, c10::string_view activation, double slope, const OptTensor& residual) {
+                    const OptTensor& shift, c10::string_view activation, double slope, const OptTensor& residual,
+                    const OptTensor& packed_weight = std::nullopt) {
   const char* op = "conv2d_fused";
   const Geometry geo = check_conv_args(op, x, weight, bias, stride, padding, dilation, groups, scale, shift, residual);
+  if (packed_weight) {
+    TORCH_CHECK(packed_weight->device() == x.device(), op, ": packed_weight is on ", packed_weight->device(),
+                " but x is on ", x.device(), "; all tensors must be on one device");
+    TORCH_CHECK(packed_weight->scalar_type() == at::kFloat && packed_weight->dim() == 1 &&
+                    packed_weight->is_contiguous(),
+                op, ": packed_weight must be a contiguous 1-D float32 tensor from conv2d_pack_weight, got ",
+                packed_weight->scalar_type(), " of shape ", shape_str(packed_weight->sizes()));
+  }
   const auto mt = math_dtype(x.scalar_type());
   const bool cl = channels_last_out(x);
   Tensor out = empty_output(x, weight.size(0), geo);
@@ -169,6 +178,9 @@ Tensor conv2d_fused(const Tensor& x, const Tensor& weight, const OptTensor& bias
                   slope, geo);
   p.out = out.data_ptr();
   p.out_stride_n = out.stride(0), p.out_stride_c = out.stride(1), p.out_stride_p = pixel_stride(out);
+  if (packed_weight && packed_weight->numel() > 0) {
+    p.packed_weight = packed_weight->data_ptr<float>(), p.packed_weight_numel = packed_weight->numel();
+  }
   if (out.numel() > 0) Launch(p);
   return out;
 }
@@ -220,10 +232,5 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> conv2d_fused_backward
           shift ? dshift.to(shift->scalar_type()) : empty,
           residual ? dres : empty};
 }
-
-// Registers the conv2d ops for one dispatch key (CPU or CUDA) with that backend's launchers.
-#define FASTDL_REGISTER_CONV2D_IMPLS(m, FWD, BWD)                          \
-  m.impl("conv2d_fused", &fastdl::conv::conv2d_fused<FWD>);                \
-  m.impl("conv2d_fused_backward", &fastdl::conv::conv2d_fused_backward<BWD>)
 
 }  // namespace fastdl::conv

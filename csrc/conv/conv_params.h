@@ -39,6 +39,10 @@ struct Conv2dParams {
   int64_t res_stride_n = 0, res_stride_c = 0, res_stride_p = 0;
   void* out = nullptr;  // [N, Cout, OH, OW]
   int64_t out_stride_n = 0, out_stride_c = 0, out_stride_p = 0;
+  // CPU only: the weight already in the fp32 forward's panel layout (fastdl::conv2d_pack_weight), or nullptr
+  // (the kernel then packs it per call where it needs it).
+  const float* packed_weight = nullptr;
+  int64_t packed_weight_numel = 0;
 };
 
 // Backward. The CPU kernel makes one pass over output tiles (conv_cpu.cpp); the CUDA one runs a few

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastdl.ops.conv import ActivationArg, apply_activation_ref, conv2d_fused, parse_activation
+from fastdl.ops.conv import ActivationArg, apply_activation_ref, conv2d_fused, conv2d_pack_weight, parse_activation
 
 _size_2_t = Union[int, tuple[int, int]]
 
@@ -27,6 +27,12 @@ class Conv2d(nn.Conv2d):
     or "circular"; ``padding`` also takes "same" / "valid" as torch's.
 
     ``forward(x, residual=None)``: the optional residual (output's shape) is added by the kernel's epilogue.
+
+    Inference on the CPU (no graph through the weight: ``torch.no_grad()``, ``inference_mode`` or a frozen
+    weight) packs the weight into the kernel's panel layout once (:func:`fastdl.ops.conv2d_pack_weight`) and
+    keeps that copy until the weight changes (another tensor, or an in-place write, which bumps its version
+    counter), as oneDNN's weight prepacking does: the per-call reorder is then skipped. It costs one more
+    copy of the weight in memory.
     """
 
     def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # type: ignore[override]
@@ -47,7 +53,23 @@ class Conv2d(nn.Conv2d):
         else:
             padding = tuple(self.padding)
         return conv2d_fused(x, self.weight, bias, self.stride, padding, self.dilation, self.groups, scale, shift,
-                            activation, residual)
+                            activation, residual, self._inference_packed_weight(x))
+
+    def _inference_packed_weight(self, x: Tensor) -> Optional[Tensor]:
+        """The weight's CPU panels, packed on first use and kept while the weight is the same tensor data
+        (storage and version counter), for forwards that build no graph through the weight; None otherwise
+        (the kernel then packs per call)."""
+        w = self.weight
+        if (x.device.type != "cpu" or w.device.type != "cpu" or w.dtype == torch.float64 or w.is_inference()
+                or (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()):
+            return None
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), self.groups)
+        cached = self.__dict__.get("_packed_weight_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, conv2d_pack_weight(w, self.groups))
+            self.__dict__["_packed_weight_cache"] = cached
+        return cached[1]
 
 
 def _default_padding(kernel_size: _size_2_t, dilation: _size_2_t) -> tuple[int, int]:

@@ -8,7 +8,7 @@ from fastdl.ops.causal_conv1d import (
     causal_conv1d_update,
     causal_conv1d_update_ref,
 )
-from fastdl.ops.conv import conv2d_fused, conv2d_fused_ref
+from fastdl.ops.conv import conv2d_fused, conv2d_fused_ref, conv2d_pack_weight
 from fastdl.ops.flash_attn import (
     attention_ref,
     flash_attn_func,
@@ -42,6 +42,7 @@ __all__ = [
     "causal_conv1d_update_ref",
     "conv2d_fused",
     "conv2d_fused_ref",
+    "conv2d_pack_weight",
     "copy_blocks",
     "copy_blocks_ref",
     "flash_attn_func",

@@ -94,6 +94,7 @@ def conv2d_fused(
     shift: Optional[Tensor] = None,
     activation: ActivationArg = None,
     residual: Optional[Tensor] = None,
+    packed_weight: Optional[Tensor] = None,
 ) -> Tensor:
     """``act(conv2d(x, weight) * scale + shift + bias + residual)`` in one pass.
 
@@ -107,6 +108,9 @@ def conv2d_fused(
         activation: None, "relu", "leaky_relu" (slope 0.01, torch's default), ("leaky_relu", slope),
             "silu", "gelu" (erf form), "sigmoid" or "tanh".
         residual: ``(N, C_out, H_out, W_out)`` in x's dtype, added before the activation.
+        packed_weight: CPU only, ``conv2d_pack_weight(weight, groups)`` of this very weight, or None: the
+            forward then skips packing the weight (a per-call reorder of every weight byte). The caller
+            repacks after changing the weight; :class:`fastdl.nn.Conv2d` does so in inference.
 
     Returns:
         ``(N, C_out, H_out, W_out)`` in x's dtype and memory format, with
@@ -120,8 +124,48 @@ def conv2d_fused(
     pad4 = parse_padding(padding, (weight.shape[2], weight.shape[3]), stride2, dilation2)
     act, slope = parse_activation(activation)
     _check_args(x, weight, bias, stride2, pad4, dilation2, groups, scale, shift, residual)
+    if packed_weight is not None and packed_weight.device != x.device:
+        raise ValueError(f"packed_weight is on {packed_weight.device} but x is on {x.device}; all tensors must be "
+                         f"on one device")
+    if packed_weight is not None and packed_weight.numel() == 0:
+        packed_weight = None  # conv2d_pack_weight's "no panels for this weight"
     return torch.ops.fastdl.conv2d_fused(x, weight, bias, list(stride2), list(pad4), list(dilation2), groups,
-                                         scale, shift, act, slope, residual)
+                                         scale, shift, act, slope, residual, packed_weight)
+
+
+def conv2d_pack_weight(weight: Tensor, groups: int = 1) -> Tensor:
+    """The CPU forward's weight panels, for ``conv2d_fused(..., packed_weight=...)``.
+
+    Args:
+        weight: ``(C_out, C_in / groups, kH, kW)`` on the CPU, float32, bfloat16 or float16 (float64 packs
+            to nothing).
+        groups: as for the conv.
+
+    Returns:
+        1-D float32: per group, ``ceil(C_out_g / Nb)`` row-major ``[kH * kW * C_in_g, Nb]`` panels, ``Nb =
+        min(64, C_out_g rounded up to 16)``, rows ordered (kh, kw, ci), zero past ``C_out_g``. Empty when the
+        CPU forward does not use panels (fewer than 16 channels per group in or out, or float64). A copy:
+        it goes stale when the weight changes.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() != 4:
+        raise ValueError(f"weight must be a 4-D tensor (C_out, C_in / groups, kH, kW), got "
+                         f"{tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"conv2d_pack_weight: the panels are the CPU kernel's layout; weight is on {weight.device}")
+    return torch.ops.fastdl.conv2d_pack_weight(weight, groups)
+
+
+def _packed_numel(weight: Tensor, groups: int) -> int:
+    cout_g, cin_g = weight.shape[0] // groups, weight.shape[1]
+    if weight.dtype == torch.float64 or cin_g < 16 or cout_g < 16:
+        return 0
+    nb = min(64, (cout_g + 15) // 16 * 16)
+    return groups * ((cout_g + nb - 1) // nb) * cin_g * weight.shape[2] * weight.shape[3] * nb
+
+
+@torch.library.register_fake("fastdl::conv2d_pack_weight")
+def _conv2d_pack_weight_fake(weight, groups):
+    return weight.new_empty((_packed_numel(weight, groups),), dtype=torch.float32)
 
 
 def _output_hw(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, int]:
@@ -179,7 +223,7 @@ def _out_memory_format(x: Tensor) -> torch.memory_format:
 
 @torch.library.register_fake("fastdl::conv2d_fused")
 def _conv2d_fused_fake(x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, slope,
-                       residual):
+                       residual, packed_weight=None):
     oh, ow = _output_hw(x, weight, stride, padding, dilation)
     return x.new_empty((x.shape[0], weight.shape[0], oh, ow)).contiguous(memory_format=_out_memory_format(x))
 
@@ -198,7 +242,7 @@ def _conv2d_fused_backward_fake(grad_out, x, weight, bias, stride, padding, dila
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, slope, residual = inputs
+    x, weight, bias, stride, padding, dilation, groups, scale, shift, activation, slope, residual = inputs[:12]
     ctx.save_for_backward(x, weight, bias, scale, shift, residual)
     ctx.conf = (stride, padding, dilation, groups, activation, slope)
 
@@ -212,7 +256,7 @@ def _backward(ctx, grad_out):
                  scale=dscale if scale is not None else None, shift=dshift if shift is not None else None,
                  residual=dres if residual is not None else None)
     return (grads["x"], grads["weight"], grads["bias"], None, None, None, None, grads["scale"], grads["shift"],
-            None, None, grads["residual"])
+            None, None, grads["residual"], None)
 
 
 torch.library.register_autograd("fastdl::conv2d_fused", _backward, setup_context=_setup_context)

@@ -152,6 +152,37 @@ def _randomize_bn(model):
                 m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
 
 
+def test_conv2d_inference_packs_weight_once_and_follows_changes():
+    """Inference keeps the packed weight while the weight is unchanged; an in-place write, a new tensor or a
+    loaded state_dict repacks; a forward that builds a graph through the weight packs per call."""
+    torch.manual_seed(0)
+    conv = Conv2d(32, 48, 3, padding=1)
+    x = torch.randn(2, 32, 7, 7)
+
+    def check():
+        torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, conv.bias, padding=1), atol=5e-5, rtol=5e-5)
+
+    with torch.no_grad():
+        check()
+        first = conv._packed_weight_cache[1]
+        check()
+        assert conv._packed_weight_cache[1] is first  # reused, not repacked
+        conv.weight.mul_(-2)  # in place: the version counter moves
+        check()
+        assert conv._packed_weight_cache[1] is not first
+        conv.weight = nn.Parameter(torch.randn_like(conv.weight))
+        check()
+        conv.load_state_dict(Conv2d(32, 48, 3, padding=1).state_dict())
+        check()
+    with torch.inference_mode():
+        check()
+    cached = conv._packed_weight_cache
+    out = conv(x)  # grad mode, weight requires grad: no cached panels, and the weight gets its gradient
+    assert conv._packed_weight_cache is cached
+    out.square().sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
 def test_fuse_resnet18():
     model = ResNet18(num_classes=10, width=16)
     assert sum(p.numel() for p in ResNet18().parameters()) == 11_689_512  # torchvision's resnet18

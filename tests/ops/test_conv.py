@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastdl.ops import conv2d_fused, conv2d_fused_ref
+from fastdl.ops import conv2d_fused, conv2d_fused_ref, conv2d_pack_weight
 
 ACTS = [None, "relu", ("leaky_relu", 0.2), "silu", "gelu", "sigmoid", "tanh"]
 
@@ -157,6 +157,7 @@ NHWC_CASES = [
     (64, 96, 11, 10, 3, 2, 1, 2, 2, True, True, torch.float32, "sigmoid"),  # gathered, stride, dilation, groups
     (16, 32, 12, 12, 1, 1, 0, 1, 1, True, False, torch.float32, "relu"),  # 1x1 channels_last
     (48, 40, 7, 7, 1, 1, 0, 1, 1, False, True, torch.float32, "relu"),  # NCHW 1x1 under 64 pixels: gathered
+    (32, 48, 12, 13, 1, 1, 0, 1, 1, False, True, torch.float32, "silu"),  # 156 pixels: rows when packed
     (32, 40, 13, 25, 1, 2, 0, 1, 1, False, True, torch.float32, "relu"),  # 1x1 stride 2
     (32, 72, 13, 21, 3, 1, 1, 1, 1, False, True, torch.bfloat16, "silu"),  # bf16 rows
     (32, 40, 7, 9, 3, 1, 1, 1, 1, True, False, torch.bfloat16, "relu"),  # bf16 gathered, cl
@@ -177,6 +178,12 @@ def test_nhwc_path(case):
         assert out.shape == shape and out.dtype == dtype
         if channels_last:
             assert out.is_contiguous(memory_format=torch.channels_last)
+        # Weight panels packed beforehand (a 1x1 from 64 to 255 pixels per image then runs channels-last).
+        packed_out = conv2d_fused(x, wt, **args, packed_weight=conv2d_pack_weight(wt, groups))
+        if dtype == torch.bfloat16:
+            torch.testing.assert_close(packed_out, out, atol=0, rtol=1 / 128)  # one bf16 rounding apart at most
+        else:
+            torch.testing.assert_close(packed_out, out, atol=5e-5, rtol=5e-5)
         if dtype == torch.bfloat16:
             # within 2x the error of torch computing the same in bf16, against the fp32 reference
             ref = conv2d_fused_ref(*(t.float() for t in (x, wt)),
@@ -219,6 +226,72 @@ def test_nhwc_path_gradients():
     ref = conv2d_fused_ref(x, wt, b, padding=1, scale=scale, shift=shift, residual=res, activation="gelu")
     torch.testing.assert_close(out, ref, atol=5e-5, rtol=5e-5)
     for g, rg in zip(torch.autograd.grad(out, inputs, dout), torch.autograd.grad(ref, inputs, dout)):
+        torch.testing.assert_close(g, rg, atol=2e-4, rtol=2e-4)
+
+
+def _pack_weight_ref(wt: torch.Tensor, groups: int) -> torch.Tensor:
+    """conv2d_pack_weight's layout in plain torch: per group, ceil(Cout_g / Nb) row-major [K, Nb] panels with
+    k = (kh, kw, ci), zero past Cout_g."""
+    cout_g, cin_g, kh, kw = wt.shape[0] // groups, *wt.shape[1:]
+    nb = min(64, (cout_g + 15) // 16 * 16)
+    ncb = (cout_g + nb - 1) // nb
+    panels = []
+    for g in range(groups):
+        wg = wt[g * cout_g:(g + 1) * cout_g].float().permute(2, 3, 1, 0).reshape(kh * kw * cin_g, cout_g)
+        wg = F.pad(wg, (0, ncb * nb - cout_g))  # [K, ncb * Nb]
+        panels.append(wg.reshape(-1, ncb, nb).permute(1, 0, 2).reshape(-1))
+    return torch.cat(panels)
+
+
+@pytest.mark.parametrize("cout, cin, k, groups, dtype", [
+    (64, 16, (3, 3), 1, torch.float32),
+    (72, 32, (1, 1), 1, torch.float32),  # 64 + 8: the second panel zero past channel 8
+    (40, 48, (3, 2), 2, torch.float32),  # Cout_g = 20: Nb = 32
+    (48, 16, (5, 5), 1, torch.bfloat16),  # packed as fp32 values
+])
+def test_pack_weight_layout(cout, cin, k, groups, dtype):
+    wt = torch.randn(cout, cin // groups, *k).to(dtype)
+    packed = conv2d_pack_weight(wt, groups)
+    assert packed.dtype == torch.float32 and packed.dim() == 1
+    assert torch.equal(packed, _pack_weight_ref(wt, groups))
+    torch.library.opcheck(torch.ops.fastdl.conv2d_pack_weight.default, (wt, groups))
+
+
+def test_pack_weight_empty_where_unused_and_bad_input():
+    # fewer than 16 channels per group, or fp64: the forward takes no panels
+    assert conv2d_pack_weight(torch.randn(8, 16, 3, 3)).numel() == 0
+    assert conv2d_pack_weight(torch.randn(32, 16, 3, 3, dtype=torch.float64)).numel() == 0
+    assert conv2d_pack_weight(torch.randn(64, 8, 3, 3), groups=4).numel() == 0  # Cin_g = 8
+    x, wt = torch.randn(1, 8, 6, 6), torch.randn(8, 8, 3, 3)
+    torch.testing.assert_close(conv2d_fused(x, wt, packed_weight=conv2d_pack_weight(wt)), conv2d_fused_ref(x, wt))
+    with pytest.raises(ValueError, match="4-D tensor"):
+        conv2d_pack_weight(torch.randn(8, 8, 3))
+    with pytest.raises(RuntimeError, match=r"groups \(3\) must be positive and divide"):
+        conv2d_pack_weight(torch.randn(32, 16, 3, 3), groups=3)
+
+
+def test_packed_weight_mismatch_is_an_error():
+    x, wt = torch.randn(2, 32, 7, 7), torch.randn(64, 32, 3, 3)
+    other = conv2d_pack_weight(torch.randn(64, 32, 1, 1))
+    with pytest.raises(RuntimeError, match="packed_weight must be conv2d_pack_weight"):
+        conv2d_fused(x, wt, padding=1, packed_weight=other)
+    with pytest.raises(RuntimeError, match="contiguous 1-D float32"):
+        conv2d_fused(x, wt, padding=1, packed_weight=conv2d_pack_weight(wt).double())
+    with pytest.raises(ValueError, match="packed_weight is on meta but x is on cpu"):
+        conv2d_fused(x, wt, padding=1, packed_weight=torch.empty(5, device="meta"))
+
+
+def test_packed_weight_opcheck_and_gradients():
+    """packed_weight is a forward-only hint: gradients flow to weight as without it."""
+    x = torch.randn(2, 16, 7, 7, requires_grad=True)
+    wt = torch.randn(32, 16, 3, 3, requires_grad=True)
+    packed = conv2d_pack_weight(wt.detach())
+    args = (x, wt, None, [1, 1], [1, 1, 1, 1], [1, 1], 1, None, None, "relu", 0.0, None, packed)
+    torch.library.opcheck(torch.ops.fastdl.conv2d_fused.default, args)
+    out = conv2d_fused(x, wt, padding=1, activation="relu", packed_weight=packed)
+    ref = conv2d_fused_ref(x, wt, padding=1, activation="relu")
+    dout = torch.randn_like(out)
+    for g, rg in zip(torch.autograd.grad(out, (x, wt), dout), torch.autograd.grad(ref, (x, wt), dout)):
         torch.testing.assert_close(g, rg, atol=2e-4, rtol=2e-4)
 
 

@@ -5,6 +5,9 @@ against torch's own Conv-BN folding (``torch.nn.utils.fusion.fuse_conv_bn_eval``
 Shapes are ResNet's four stages (56x56x64, 28x28x128, 14x14x256, 7x7x512) with a 3x3 and a 1x1 conv
 each, batch 8 on CPU (fp32, NCHW, as torch's default) and batch 64 bf16 channels_last on GPU. Also a
 ResNet-50 forward at batch 8 on 224x224 (CPU) built from torch.nn, fastdl.fuse'd against the eager model.
+fastdl's modules pack each conv's weight into the CPU kernel's panel layout on their first inference call
+and reuse it while the weight is unchanged (fastdl.nn.Conv2d), as oneDNN's weight prepacking does; eager
+torch reorders per call. The warm-up calls take the one-time pack.
 FLOPs: 2 * N * H_out * W_out * C_out * C_in * kH * kW per conv.
 """
 

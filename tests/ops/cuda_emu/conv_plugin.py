@@ -20,7 +20,18 @@ from . import load_conv_emu
 
 _emu = load_conv_emu()
 _lib = torch.library.Library("fastdl", "IMPL")
-_lib.impl("conv2d_fused", lambda *args: _emu.fwd(*args), "CPU")
+
+
+def _fwd(*args):
+    # The schema's last argument, packed_weight (absent when the caller left its default), is the CPU layout:
+    # the CUDA binding rejects it (conv_cuda.cpp).
+    conv_args, packed_weight = args[:12], (args[12] if len(args) > 12 else None)
+    if packed_weight is not None:
+        raise RuntimeError("conv2d_fused: packed_weight is the CPU kernel's weight layout; pass None on CUDA")
+    return _emu.fwd(*conv_args)
+
+
+_lib.impl("conv2d_fused", _fwd, "CPU")
 _lib.impl("conv2d_fused_backward", lambda *args: tuple(_emu.bwd(*args)), "CPU")
 torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
