@@ -277,7 +277,10 @@ struct Conv {
     // against 0.48-0.51x) while the weights are packed per call. With them packed beforehand (packed_weight)
     // the channels-last path wins at 14x14x256 too (2 threads, interleaved, medians of 60: 0.57-0.58 ms
     // against 0.62 for the in-place GEMM, eager 0.69); at 28x28x128 the two are even (0.82-1.12 ms), so the
-    // cut is then at 256 pixels.
+    // cut is then at 256 pixels. Every 1x1 channels-last lost in `fastdl bench conv` (28x28x128 0.98-1.33
+    // ms against 0.73-0.82 in place, ResNet-50 0.93-0.98x eager against 0.75-0.84x), though it won in
+    // alternating blocks outside the harness; what the harness adds (eager's allocations between calls) is
+    // not yet profiled.
 #if FASTDL_RNN_BRGEMM
     if (std::is_same_v<T, float> && ohw < (p.packed_weight ? 256 : 64) && cin_g >= 16 && cout_g >= 16) {
       direct_1x1 = false;
