@@ -753,6 +753,10 @@ struct Conv {
     const int64_t per_group =
         std::max<int64_t>(1, std::min<int64_t>(nrb == 1 ? kMaxPix / ohw : 1, (units + threads - 1) / threads));
     const int64_t ngroups = (units + per_group - 1) / per_group, mmax = per_group * R * OW;
+    // A 1x1 at stride 1 reads each output pixel's own input pixel: a group's pixels are consecutive rows of
+    // the packed images (row stride C), brgemm's A operand as they are. (7x7x512 1x1: the copy into col was
+    // 0.8 MB per call.)
+    const bool in_place = p.kernel_h * KW == 1 && sh == 1 && sw == 1;
     PackedImages pk = packed_images();
     at::parallel_for(0, p.groups * ngroups, 1, [&](int64_t begin, int64_t end) {
       float* const col = scratch(kCol, mmax * std::min(kChunk, K));
@@ -773,6 +777,12 @@ struct Conv {
         const float* Bg = wc + g * ncb * K * Nb;
         for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
           const int64_t kc = std::min(kChunk, K - k0);
+          if (in_place) {  // pixel m of the group is row m of the packed images: A is read there, no col
+            for (int64_t j = 0; j < ncb; ++j)
+              at::native::cpublas::brgemm(M, std::min(Nb, cout_g - j * Nb), kc, C, Nb, ldc, k0 > 0, src[0] + k0,
+                                          Bg + (j * K + k0) * Nb, ct + j * Nb, /*is_vnni=*/false);
+            continue;
+          }
           // col[m, k - k0] for k = tap * Cin_g + ci in [k0, k0 + kc): runs of channels of one tap.
           for (int64_t m = 0; m < M; ++m) {
             for (int64_t k = k0; k < k0 + kc;) {

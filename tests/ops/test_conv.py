@@ -157,6 +157,8 @@ NHWC_CASES = [
     (64, 96, 11, 10, 3, 2, 1, 2, 2, True, True, torch.float32, "sigmoid"),  # gathered, stride, dilation, groups
     (16, 32, 12, 12, 1, 1, 0, 1, 1, True, False, torch.float32, "relu"),  # 1x1 channels_last
     (48, 40, 7, 7, 1, 1, 0, 1, 1, False, True, torch.float32, "relu"),  # NCHW 1x1 under 64 pixels: gathered
+    (32, 48, 5, 6, 1, 1, 1, 1, 2, True, False, torch.float32, "gelu"),  # gathered 1x1 in place: padded, 2 groups
+    (32, 24, 3, 9, 1, 1, (0, 1, 2, 0), 1, 1, False, True, torch.bfloat16, "relu"),  # bf16 1x1 in place
     (32, 48, 12, 13, 1, 1, 0, 1, 1, False, True, torch.float32, "silu"),  # 156 pixels: rows when packed
     (32, 40, 13, 25, 1, 2, 0, 1, 1, False, True, torch.float32, "relu"),  # 1x1 stride 2
     (32, 72, 13, 21, 3, 1, 1, 1, 1, False, True, torch.bfloat16, "silu"),  # bf16 rows
