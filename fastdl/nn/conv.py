@@ -51,7 +51,7 @@ class Conv2d(nn.Conv2d):
         elif isinstance(self.padding, str):
             padding = self.padding
         else:
-            padding = tuple(self.padding)
+            padding = self.padding
         return conv2d_fused(x, self.weight, bias, self.stride, padding, self.dilation, self.groups, scale, shift,
                             activation, residual, self._inference_packed_weight(x))
 
@@ -63,7 +63,7 @@ class Conv2d(nn.Conv2d):
         if (x.device.type != "cpu" or w.device.type != "cpu" or w.dtype == torch.float64 or w.is_inference()
                 or (w.requires_grad and torch.is_grad_enabled()) or torch.compiler.is_compiling()):
             return None
-        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape), self.groups)
+        key = (w.data_ptr(), w._version, w.dtype, w.shape, self.groups)
         cached = self.__dict__.get("_packed_weight_cache")
         if cached is None or cached[0] != key:
             with torch.no_grad():

@@ -409,6 +409,20 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(gw, rgw)
 
 
+def test_inference_calls_match_and_compile():
+    """With grad mode off the op is called below its autograd layer: same output, also under inference_mode
+    and inside torch.compile(fullgraph=True)."""
+    x, wt, res = torch.randn(2, 16, 9, 9), torch.randn(24, 16, 3, 3), torch.randn(2, 24, 9, 9)
+    want = conv2d_fused(x, wt, padding=1, activation="silu", residual=res)
+    with torch.no_grad():
+        assert torch.equal(conv2d_fused(x, wt, padding=1, activation="silu", residual=res), want)
+        compiled = torch.compile(lambda a: conv2d_fused(a, wt, padding=1, activation="silu", residual=res),
+                                 fullgraph=True, backend="aot_eager")
+        assert torch.equal(compiled(x), want)
+    with torch.inference_mode():
+        assert torch.equal(conv2d_fused(x, wt, padding=1, activation="silu", residual=res), want)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(x=torch.randn(1, 5, 8, 8)), "channel mismatch"),
     (dict(groups=3), "groups"),
