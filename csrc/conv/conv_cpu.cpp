@@ -274,17 +274,10 @@ struct Conv {
     // Below 64 output pixels per image (7x7) an fp32 1x1 takes the channels-last path instead: 7x7x512, N = 8,
     // 2 threads, interleaved A/B against eager conv -> BN -> ReLU (2026-11-21, load 1.5): 0.70x there
     // against 0.80-0.84x for the in-place GEMM; at 14x14x256 the in-place GEMM stays ahead (0.46-0.50x
-    // against 0.48-0.51x) while the weights are packed per call. With them packed beforehand (packed_weight)
-    // the channels-last path wins at 14x14x256 too (2 threads, interleaved, medians of 60: 0.57-0.58 ms
-    // against 0.62 for the in-place GEMM, eager 0.69); at 28x28x128 the two are even (0.82-1.12 ms), so the
-    // cut is then at 256 pixels. Every 1x1 channels-last lost in `fastdl bench conv` (28x28x128 0.98-1.33
-    // ms against 0.73-0.82 in place, ResNet-50 0.93-0.98x eager against 0.75-0.84x), though it won in
-    // alternating blocks outside the harness; what the harness adds (eager's allocations between calls) is
-    // not yet profiled.
+    // against 0.48-0.51x), also with the weights packed beforehand (packed_weight), in the bench harness's
+    // order of cases (4 repeats of medians of 30, x eager: 0.87-0.92 in place, 0.86-1.01 channels-last).
 #if FASTDL_RNN_BRGEMM
-    if (std::is_same_v<T, float> && ohw < (p.packed_weight ? 256 : 64) && cin_g >= 16 && cout_g >= 16) {
-      direct_1x1 = false;
-    }
+    if (std::is_same_v<T, float> && ohw < 64 && cin_g >= 16 && cout_g >= 16) direct_1x1 = false;
 #endif
     // Flat only from 14 columns on: measured single-thread at N=8 (benchmarks/RESULTS.md), it beats the
     // im2col path by 10-20% at 56x56x64 .. 14x14x256, and is 2x slower at 7x7x512, where the extra columns

@@ -159,7 +159,7 @@ NHWC_CASES = [
     (48, 40, 7, 7, 1, 1, 0, 1, 1, False, True, torch.float32, "relu"),  # NCHW 1x1 under 64 pixels: gathered
     (32, 48, 5, 6, 1, 1, 1, 1, 2, True, False, torch.float32, "gelu"),  # gathered 1x1 in place: padded, 2 groups
     (32, 24, 3, 9, 1, 1, (0, 1, 2, 0), 1, 1, False, True, torch.bfloat16, "relu"),  # bf16 1x1 in place
-    (32, 48, 12, 13, 1, 1, 0, 1, 1, False, True, torch.float32, "silu"),  # 156 pixels: rows when packed
+    (32, 48, 12, 13, 1, 1, 0, 1, 1, False, True, torch.float32, "silu"),  # 156 pixels: in place, packed or not
     (32, 40, 13, 25, 1, 2, 0, 1, 1, False, True, torch.float32, "relu"),  # 1x1 stride 2
     (32, 72, 13, 21, 3, 1, 1, 1, 1, False, True, torch.bfloat16, "silu"),  # bf16 rows
     (32, 40, 7, 9, 3, 1, 1, 1, 1, True, False, torch.bfloat16, "relu"),  # bf16 gathered, cl
@@ -180,7 +180,7 @@ def test_nhwc_path(case):
         assert out.shape == shape and out.dtype == dtype
         if channels_last:
             assert out.is_contiguous(memory_format=torch.channels_last)
-        # Weight panels packed beforehand (a 1x1 from 64 to 255 pixels per image then runs channels-last).
+        # Weight panels packed beforehand.
         packed_out = conv2d_fused(x, wt, **args, packed_weight=conv2d_pack_weight(wt, groups))
         if dtype == torch.bfloat16:
             torch.testing.assert_close(packed_out, out, atol=0, rtol=1 / 128)  # one bf16 rounding apart at most
