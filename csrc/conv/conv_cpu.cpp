@@ -23,11 +23,11 @@
 //
 // fp32 math (fp32, bf16, fp16 inputs) with >= 16 channels per group in and out, except the NCHW 1x1 / stride 1
 // case above from 64 output pixels per image on, takes the channels-last forward instead (forward_nhwc):
-// C[pixels, Cout] = X^T W^T on a channels-last zero-padded copy of each image and the weights packed once per
-// call into [K, 64] panels. One output row's pixels at one kernel tap are then a plain strided matrix (no
-// im2col, none of the flat layout's Wp - OW wasted columns, any stride and dilation); brgemm runs M = OW
-// pixels x N = 64 channels x K = Cin per tap (per kernel row: KW * Cin, when undilated), and the epilogue
-// transposes the hot tile back to NCHW.
+// C[pixels, Cout] = X^T W^T on a channels-last zero-padded copy of each image and the weights packed into
+// [K, 64] panels (per call, or once by an inference module: packed_weight). One output row's pixels at one
+// kernel tap are then a plain strided matrix (no im2col, none of the flat layout's Wp - OW wasted columns,
+// any stride and dilation); brgemm runs M = OW pixels x N = 64 channels x K = Cin per tap (per kernel row:
+// KW * Cin, when undilated), and the epilogue transposes the hot tile back to NCHW.
 // Profile before it (one thread, N = 8, 2026-11-21): the brgemm micro-kernel runs these shapes at 220-230
 // GFLOP/s in cache; the flat path reached 173 at 28x28x128 3x3 (wasted columns, a serial per-call weight
 // reorder, a 1 KB-strided B at 14x14 that ran at 165) and the im2col path 143 at 7x7x512.
@@ -668,8 +668,8 @@ struct Conv {
     for (int64_t o = 0; o < nbc; ++o) epilogue_run<A>(acc + o * M, M, c0 + o, n, pix0, rbuf);
   }
 
-  // The fp32 forward on channels-last tiles: C[pixels, Cout] = X^T W^T, against the weights packed once per
-  // call into [K, Nb] column-block panels (pack_weight_panels). Each image is packed channels-last and zero-padded
+  // The fp32 forward on channels-last tiles: C[pixels, Cout] = X^T W^T, against the weights packed into
+  // [K, Nb] column-block panels (weight_panels). Each image is packed channels-last and zero-padded
   // (pack_image) by the first thread that needs it, right before its items, so that it is in that core's L2
   // (0.9 MB at 56x56x64; see packed_images). Two schedules, both image-major and deterministic (each output
   // element is computed by one thread in a fixed order):

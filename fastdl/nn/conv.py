@@ -55,6 +55,12 @@ class Conv2d(nn.Conv2d):
         return conv2d_fused(x, self.weight, bias, self.stride, padding, self.dilation, self.groups, scale, shift,
                             activation, residual, self._inference_packed_weight(x))
 
+    def __getstate__(self):
+        # The packed copy is a cache: not pickled, saved or deep-copied with the module.
+        state = dict(super().__getstate__())
+        state.pop("_packed_weight_cache", None)
+        return state
+
     def _inference_packed_weight(self, x: Tensor) -> Optional[Tensor]:
         """The weight's CPU panels, packed on first use and kept while the weight is the same tensor data
         (storage and version counter), for forwards that build no graph through the weight; None otherwise

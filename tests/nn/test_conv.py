@@ -176,6 +176,7 @@ def test_conv2d_inference_packs_weight_once_and_follows_changes():
         check()
     with torch.inference_mode():
         check()
+    assert "_packed_weight_cache" not in copy.deepcopy(conv).__dict__  # a cache, not state
     cached = conv._packed_weight_cache
     out = conv(x)  # grad mode, weight requires grad: no cached panels, and the weight gets its gradient
     assert conv._packed_weight_cache is cached
