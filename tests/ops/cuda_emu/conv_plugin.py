@@ -9,14 +9,11 @@ not skipped. Tests that create tensors with device="cuda" cannot run this way (h
 "torch in the same dtype" is then torch on the CPU, not cuDNN. About 4 minutes for those 168 tests.
 """
 
-import sys
-
-import pytest
 import torch
 
 import fastdl  # noqa: F401  (the op schemas)
 
-from . import load_conv_emu
+from . import load_conv_emu, pretend_cuda, pytest_collection_modifyitems  # noqa: F401 (the hook)
 
 _emu = load_conv_emu()
 _lib = torch.library.Library("fastdl", "IMPL")
@@ -33,11 +30,5 @@ def _fwd(*args):
 
 _lib.impl("conv2d_fused", _fwd, "CPU")
 _lib.impl("conv2d_fused_backward", lambda *args: tuple(_emu.bwd(*args)), "CPU")
-torch.Tensor.cuda = lambda self, *args, **kwargs: self
+pretend_cuda()
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    conftest = sys.modules.get("conftest")  # tests/conftest.py: its skip decision for `cuda` tests
-    if conftest is not None:
-        conftest.cuda_available = lambda: True

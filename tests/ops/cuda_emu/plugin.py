@@ -8,14 +8,11 @@ returns the tensor itself, and `cuda`-marked tests are not skipped. Tests that c
 device="cuda" or compare devices cannot run this way (hence the -k above). Slow: about 20 s per test.
 """
 
-import sys
-
-import pytest
 import torch
 
 import fastdl  # noqa: F401  (the op schemas)
 
-from . import load_flash_emu
+from . import load_flash_emu, pretend_cuda, pytest_collection_modifyitems  # noqa: F401 (the hook)
 
 _emu = load_flash_emu()
 _lib = torch.library.Library("fastdl", "IMPL")
@@ -23,11 +20,5 @@ _lib.impl("flash_attn_fwd", lambda *args: tuple(_emu.fwd(*args)), "CPU")
 _lib.impl("flash_attn_varlen_fwd", lambda *args: tuple(_emu.varlen_fwd(*args)), "CPU")
 _lib.impl("flash_attn_bwd", lambda *args: tuple(_emu.bwd(*args)), "CPU")
 _lib.impl("flash_attn_varlen_bwd", lambda *args: tuple(_emu.varlen_bwd(*args)), "CPU")
-torch.Tensor.cuda = lambda self, *args, **kwargs: self
+pretend_cuda()
 
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_collection_modifyitems(config, items):
-    conftest = sys.modules.get("conftest")  # tests/conftest.py: its skip decision for `cuda` tests
-    if conftest is not None:
-        conftest.cuda_available = lambda: True
